@@ -1,0 +1,30 @@
+"""Model registry: `create_model(name, **kwargs)`; entries register with `@register_model`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model, e.g. `create_model("resnet20", in_channels=1, num_classes=10)`."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(list_models())}")
+    return _REGISTRY[name](**kwargs)
+
+
+from hawq.models import resnet_cifar, tiny  # noqa: E402,F401  (registers the entries)
+
+__all__ = ["create_model", "list_models", "register_model"]
