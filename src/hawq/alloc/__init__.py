@@ -1,0 +1,42 @@
+"""Sensitivity, Pareto frontier, exact bit allocation, size and BOPs accounting (HAWQ-V2, steps 2-3)."""
+
+from hawq.alloc.frontier import FrontierPoint, ParetoSet, pareto_dp, pareto_frontier
+from hawq.alloc.ilp import solve_ilp
+from hawq.alloc.joint import best_joint_plan, joint_frontier, weight_frontier
+from hawq.alloc.plan import Plan, best_plan, make_plan, plan_for_bits, plan_from_point, plan_omega
+from hawq.alloc.sensitivity import (
+    LayerSensitivity,
+    SensitivityTable,
+    default_fixed,
+    layer_macs,
+    sensitivity_table,
+)
+from hawq.alloc.size import MB, fp32_size_bytes, model_size_bits, model_size_bytes, plan_bops, size_report
+
+__all__ = [
+    "MB",
+    "FrontierPoint",
+    "LayerSensitivity",
+    "ParetoSet",
+    "Plan",
+    "SensitivityTable",
+    "best_joint_plan",
+    "best_plan",
+    "default_fixed",
+    "fp32_size_bytes",
+    "joint_frontier",
+    "layer_macs",
+    "make_plan",
+    "model_size_bits",
+    "model_size_bytes",
+    "pareto_dp",
+    "pareto_frontier",
+    "plan_bops",
+    "plan_for_bits",
+    "plan_from_point",
+    "plan_omega",
+    "sensitivity_table",
+    "size_report",
+    "solve_ilp",
+    "weight_frontier",
+]

@@ -31,6 +31,18 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+class _PassThrough(torch.autograd.Function):
+    """Returns `y` exactly; the gradient goes to `x` unchanged (STE without float round-off in the value)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor) -> Tensor:  # noqa: ARG004
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
 def weight_qmax(bits: int) -> int:
     """Largest integer level of a narrow-range symmetric grid (0 for one bit: sign only)."""
     return 2 ** (check_bits(bits) - 1) - 1
@@ -59,13 +71,12 @@ def weight_to_int(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 
 
 def fake_quant_weight(w: Tensor, bits: int) -> Tensor:
-    """Quantize then dequantize `w` at `bits`; differentiable by STE."""
-    scale = weight_scale(w, bits)
-    if bits == 1:
-        sign = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
-        return w + (sign * scale - w).detach()
-    qmax = weight_qmax(bits)
-    return torch.clamp(round_ste(w / scale), -qmax, qmax) * scale
+    """Quantize then dequantize `w` at `bits`; the gradient passes straight through to `w`.
+
+    The scale comes from the weight itself, so nothing is clipped and the STE is the identity."""
+    q, scale = weight_to_int(w, bits)
+    wq = q.to(w.dtype) * scale.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1)))
+    return _PassThrough.apply(w, wq) if w.requires_grad else wq
 
 
 def weight_perturbation(w: Tensor, bits: int) -> float:

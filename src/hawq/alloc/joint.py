@@ -1,0 +1,103 @@
+"""Joint weight and activation bits under a size budget, a BOPs budget, or both (HAWQ-V2, Sec. 3.3).
+
+Each layer picks (w_bits, a_bits) with Omega = Omega_w(w) + Omega_a(a); size depends on w only, BOPs =
+MACs * w * a. Tied layers (e.g. a residual downsample and the main-path conv reading the same input) share
+one choice. One budget: the Pareto dynamic program (exact); both budgets: the integer program (exact).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+from hawq.alloc.frontier import FrontierPoint, frontier_points, solve_groups
+from hawq.alloc.ilp import solve_ilp
+from hawq.alloc.options import build_groups, decode, other_bits
+from hawq.alloc.plan import Plan, check_budget, make_plan
+from hawq.alloc.sensitivity import SensitivityTable
+from hawq.alloc.size import MB
+
+METHODS = ("auto", "dp", "ilp")
+
+
+def _check_macs(table: SensitivityTable) -> None:
+    if not any(r.macs > 0 for r in table.layers):
+        raise ValueError("the table has no MACs, so BOPs are unknown: build it with example_input=a batch")
+
+
+def best_joint_plan(
+    table: SensitivityTable,
+    act_omega: Mapping[str, Mapping[int, float]],
+    a_bits: Sequence[int] = (4, 8),
+    budget_bytes: float | None = None,
+    budget_bops: float | None = None,
+    ties: Iterable[Sequence[str]] = (),
+    method: str = "auto",
+) -> Plan:
+    """Min total Omega (weights + activations) with size <= budget_bytes and/or BOPs <= budget_bops.
+
+    `act_omega[fqn][a]` is the activation Omega of layer fqn's input at a bits; fixed layers keep their
+    weight bits for activations too. `method`: "auto" (DP for one budget, ILP for two), "dp" or "ilp".
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is unknown: use one of {METHODS}")
+    if budget_bytes is None and budget_bops is None:
+        raise ValueError("give budget_bytes, budget_bops, or both")
+    check_budget(budget_bytes, "the size budget", "--budget-mb")
+    check_budget(budget_bops, "the BOPs budget", "--budget-bops")
+    if budget_bops is not None:
+        _check_macs(table)
+    groups = build_groups(table, tuple(a_bits), act_omega, ties)
+    size_cap = None if budget_bytes is None else math.floor(budget_bytes * 8) - other_bits(table)
+    bops_cap = None if budget_bops is None else math.floor(budget_bops)
+    min_size = sum(int(g.size_bits.min()) for g in groups)
+    min_bops = sum(int(g.bops.min()) for g in groups)
+    if size_cap is not None and size_cap < min_size:
+        raise ValueError(
+            f"budget {budget_bytes / MB:.4f} MB is below the smallest feasible size "
+            f"{(min_size + other_bits(table)) / 8 / MB:.4f} MB (every layer at its lowest bit width): "
+            "raise --budget-mb"
+        )
+    if bops_cap is not None and bops_cap < min_bops:
+        raise ValueError(
+            f"BOPs budget {budget_bops:.4g} is below the smallest feasible {min_bops:.4g} "
+            "(every layer at its lowest weight and activation bits): raise --budget-bops"
+        )
+    both = size_cap is not None and bops_cap is not None
+    if method == "dp" and both:
+        raise ValueError("the DP solves one budget; for size and BOPs budgets together use method='ilp'")
+    if method == "ilp" or (method == "auto" and both):
+        choice = solve_ilp(groups, size_cap, bops_cap)
+        if choice is None:
+            raise ValueError(
+                "no plan meets both the size and the BOPs budget: raise --budget-mb or --budget-bops"
+            )
+    else:
+        cost, cap = ("size", size_cap) if size_cap is not None else ("bops", bops_cap)
+        choice = solve_groups(groups, cost, cap=cap).choice[-1]
+    w, a = decode(table, groups, choice)
+    return make_plan(table, w, a, act_omega)
+
+
+def joint_frontier(
+    table: SensitivityTable,
+    act_omega: Mapping[str, Mapping[int, float]],
+    a_bits: Sequence[int] = (4, 8),
+    cost: str = "bops",
+    ties: Iterable[Sequence[str]] = (),
+) -> list[FrontierPoint]:
+    """Non-dominated (cost, Omega) joint plans, cost ("bops" or "size") ascending, Omega strictly falling."""
+    if cost == "bops":
+        _check_macs(table)
+    groups = build_groups(table, tuple(a_bits), act_omega, ties)
+    return frontier_points(table, groups, solve_groups(groups, cost), joint=True)
+
+
+def weight_frontier(
+    table: SensitivityTable, ties: Iterable[Sequence[str]] = (), cost: str = "size", a_bits: int | None = None
+) -> list[FrontierPoint]:
+    """Weight-only frontier against size or BOPs (every input at `a_bits`, None = float), with ties."""
+    if cost == "bops":
+        _check_macs(table)
+    groups = build_groups(table, (a_bits,), None, ties)
+    return frontier_points(table, groups, solve_groups(groups, cost), joint=a_bits is not None)

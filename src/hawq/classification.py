@@ -1,0 +1,96 @@
+"""The classification task: data, model construction, the full-precision model and its cache."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from hawq.config import RunConfig
+from hawq.data.fashion_mnist import TensorDataset, load_split
+from hawq.io import load_torch, save_torch
+from hawq.models import create_model
+from hawq.train import TrainConfig, evaluate, train
+
+DATASET_SHAPES = {"fashion_mnist": (1, 10)}  # in_channels, num_classes
+
+
+@dataclass
+class ClassificationData:
+    train: TensorDataset
+    test: TensorDataset
+
+
+def load_data(cfg: RunConfig) -> ClassificationData:
+    tr = load_split("train", cfg.data_dir, cfg.download).subset(cfg.train_images)
+    te = load_split("test", cfg.data_dir, cfg.download).subset(cfg.test_images)
+    return ClassificationData(tr, te)
+
+
+def build_model(cfg: RunConfig) -> nn.Module:
+    in_channels, num_classes = DATASET_SHAPES[cfg.dataset]
+    return create_model(cfg.model, in_channels=in_channels, num_classes=num_classes)
+
+
+def fp_train_config(cfg: RunConfig, n_train: int) -> TrainConfig:
+    epochs = 1 if cfg.quick else cfg.epochs
+    return TrainConfig(n_images=epochs * n_train, batch_size=cfg.batch_size, lr=cfg.lr,
+                       weight_decay=cfg.weight_decay, seed=cfg.seed)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HAWQ_CACHE", Path.home() / ".cache" / "hawq"))
+
+
+def cache_key(cfg: RunConfig, tcfg: TrainConfig, n_train: int) -> str:
+    ident = {"model": cfg.model, "dataset": cfg.dataset, "n_train": n_train, "train": tcfg.to_dict(), "algo": 1}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_state_into(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict (raw, or under "state_dict"/"model" keys) with a clear error on mismatch."""
+    obj = load_torch(path)
+    state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds no state dict: save model.state_dict()")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"checkpoint {path} does not fit the model ({first}): check --model") from e
+
+
+def full_precision_model(
+    cfg: RunConfig, data: ClassificationData, progress: bool = True
+) -> tuple[nn.Module, dict]:
+    """Train (or load from --checkpoint or the cache) the full-precision model; returns it and its record."""
+    model = build_model(cfg)
+    if cfg.checkpoint is not None:
+        load_state_into(model, cfg.checkpoint)
+        return model.eval(), {"source": f"checkpoint {cfg.checkpoint}"}
+    tcfg = fp_train_config(cfg, len(data.train))
+    key = cache_key(cfg, tcfg, len(data.train))
+    cached = cache_dir() / "fp32" / f"{cfg.model}-{cfg.dataset}-{key}.pt"
+    if cached.exists():
+        try:
+            load_state_into(model, cached)
+            return model.eval(), {"source": f"cache {cached}", "cache_key": key, "train": tcfg.to_dict()}
+        except ValueError as e:
+            print(f"hawq: ignoring the cached model ({e}); training again", file=sys.stderr)
+            model = build_model(cfg)
+    stats = train(model, data.train, tcfg, progress=progress, desc="train fp32")
+    save_torch(cached, {"state_dict": model.state_dict(), "train": tcfg.to_dict()})
+    return model.eval(), {"source": "trained", "cache_key": key, "train": tcfg.to_dict(), **stats}
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+__all__ = ["ClassificationData", "build_model", "clone", "evaluate", "full_precision_model", "load_data"]

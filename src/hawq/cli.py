@@ -1,0 +1,150 @@
+"""Command line: argument parsing only; the work is in hawq.pipeline.
+
+    hawq run [--out DIR] [--quick] ...     every stage
+    hawq train | trace | allocate | finetune | evaluate | report --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from hawq.config import DATASETS, TASKS, TRACE_METHODS, RunConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2
+        print(f"hawq: error: {message} (see `hawq {self.prog.split()[-1]} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="run", help="run folder (default: ./run)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    d = RunConfig()
+    g = p.add_argument_group("task")
+    g.add_argument("--task", choices=TASKS, default=d.task)
+    g.add_argument("--model", default=d.model, help="registered model name (default: resnet20)")
+    g.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)}")
+    g.add_argument("--data-dir", default=None, help="folder with the data files (default: Debian package folder)")
+    g.add_argument("--download", action="store_true", help="download the data set if it is not found")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--quick", action="store_true", help="smoke run on a few hundred images (about a minute)")
+    g = p.add_argument_group("full-precision model")
+    g.add_argument("--checkpoint", default=None, help="full-precision weights to use instead of training")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g = p.add_argument_group("Hessian traces")
+    g.add_argument("--trace-method", choices=TRACE_METHODS, default=d.trace_method)
+    g.add_argument("--trace-rel-tol", type=float, default=d.trace_rel_tol,
+                   help="target relative standard error of every layer's trace (default 0.05)")
+    g.add_argument("--trace-max-images", type=int, default=d.trace_max_images)
+    _alloc_options(p)
+    _ft_options(p)
+
+
+def _alloc_options(p: argparse.ArgumentParser) -> None:
+    d = RunConfig()
+    g = p.add_argument_group("allocation")
+    g.add_argument("--bits", type=int, nargs="+", default=list(d.w_bits), help="candidate weight bit widths")
+    g.add_argument("--a-bits", type=int, default=None, help="activation bits for every layer (default: float)")
+    g.add_argument("--quantize-first-last", action="store_true",
+                   help="let the allocator choose the first and last layers' bits (default: 8 bits)")
+    b = g.add_mutually_exclusive_group()
+    b.add_argument("--budget-mb", type=float, default=None, help="model size budget in MB (2^20 bytes)")
+    b.add_argument("--compression", type=float, default=None, help="budget as fp32 size / compression")
+    b.add_argument("--budget-bits", type=float, default=d.budget_bits,
+                   help="budget as the size of uniform weights at this many bits (default 3)")
+    g.add_argument("--sensitivity", choices=("trace", "diag"), default=d.sensitivity)
+    g.add_argument("--baselines", type=int, nargs="*", default=list(d.baselines),
+                   help="uniform bit widths fine-tuned for comparison (default 8 4 3)")
+
+
+def _ft_options(p: argparse.ArgumentParser) -> None:
+    d = RunConfig()
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--ft-images", type=int, default=d.ft_images, help="images of quantization-aware fine-tuning")
+    g.add_argument("--ft-lr", type=float, default=d.ft_lr)
+    g.add_argument("--distill", action="store_true", help="distil from the full-precision model")
+
+
+ALLOC_KEYS = ("bits", "a_bits", "quantize_first_last", "budget_mb", "compression", "budget_bits",
+              "sensitivity", "baselines")
+FT_KEYS = ("ft_images", "ft_lr", "distill")
+
+
+def _to_config_kwargs(args: argparse.Namespace) -> dict:
+    kw = {k: v for k, v in vars(args).items() if k not in ("cmd", "out", "quiet", "bits", "quantize_first_last")}
+    if hasattr(args, "bits"):
+        kw["w_bits"] = tuple(args.bits)
+        kw["keep_first_last"] = not args.quantize_first_last
+    if "baselines" in kw:
+        kw["baselines"] = tuple(kw["baselines"])
+    return kw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hawq", description="Hessian-aware mixed-precision quantization (HAWQ-V2)")
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    p = sub.add_parser("run", help="every stage: train, trace, allocate, fine-tune, report")
+    _common(p)
+    _run_options(p)
+    p = sub.add_parser("train", help="train (or load) the full-precision model")
+    _common(p)
+    _run_options(p)
+    for name, help_ in (("trace", "estimate per-layer Hessian traces"), ("report", "write report.md and figures"),
+                        ("evaluate", "evaluate the fine-tuned models again")):
+        _common(sub.add_parser(name, help=help_))
+    p = sub.add_parser("allocate", help="sensitivity, Pareto frontier and the best plan under the budget")
+    _common(p)
+    _alloc_options(p)
+    p = sub.add_parser("finetune", help="quantization-aware fine-tuning of the plan and the uniform baselines")
+    _common(p)
+    _ft_options(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from hawq import pipeline  # imported late: `hawq --help` stays fast
+
+    progress = not args.quiet
+    try:
+        if args.cmd in ("run", "train"):
+            cfg = RunConfig(**_to_config_kwargs(args))
+            if args.cmd == "run":
+                res = pipeline.run_all(cfg, args.out, progress)
+                if not args.quiet:
+                    print(f"done: {args.out}/report.md (total {res.get('total_wall_s', 0):.0f} s)")
+            else:
+                ctx, data = pipeline.prepare(cfg, args.out, progress)
+                pipeline.stage_fp32(ctx, data)
+            return 0
+        overrides = _to_config_kwargs(args) if args.cmd in ("allocate", "finetune") else {}
+        ctx, data = pipeline.open_run(args.out, progress, **overrides)
+        if args.cmd == "trace":
+            pipeline.stage_trace(ctx, data)
+        elif args.cmd == "allocate":
+            pipeline.stage_allocate(ctx, data)
+        elif args.cmd == "finetune":
+            pipeline.stage_finetune(ctx, data)
+        elif args.cmd == "evaluate":
+            pipeline.stage_evaluate(ctx, data)
+        elif args.cmd == "report":
+            pipeline.stage_report(ctx)
+        return 0
+    except ValueError as e:
+        print(f"hawq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hawq: interrupted; finished artifacts are kept, rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""The resolved configuration of a run: one frozen dataclass, written to run/config.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from hawq.quant.primitives import MAX_BITS, MIN_BITS
+
+TASKS = ("classification",)
+DATASETS = ("fashion_mnist",)
+TRACE_METHODS = ("auto", "exact", "mc_fisher", "hutchinson")
+
+# Fields that decide the full-precision model and its traces: a run folder holding other values is a
+# different run. The remaining fields (budget, bit widths, fine-tuning) may change between stage calls.
+IDENTITY_FIELDS = (
+    "task", "model", "dataset", "seed", "epochs", "batch_size", "lr", "weight_decay", "checkpoint",
+    "trace_method", "trace_rel_tol", "trace_max_images", "trace_batch_size", "quick",
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str = "classification"
+    model: str = "resnet20"
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    download: bool = False
+    seed: int = 0
+    # full-precision training (skipped with `checkpoint`, or when the cache holds the same config)
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    checkpoint: str | None = None
+    # Hessian traces
+    trace_method: str = "auto"
+    trace_rel_tol: float = 0.05
+    trace_max_images: int = 4096
+    trace_batch_size: int = 128
+    # allocation
+    w_bits: tuple[int, ...] = (2, 3, 4, 8)
+    a_bits: int | None = None
+    keep_first_last: bool = True
+    budget_mb: float | None = None
+    compression: float | None = None
+    budget_bits: float = 3.0  # default budget: the size of uniform `budget_bits`-bit weights
+    sensitivity: str = "trace"  # "trace" (the paper's) or "diag" (curvature diagonal)
+    # fine-tuning and comparison
+    ft_images: int = 10240
+    ft_lr: float = 0.005
+    ft_batch_size: int = 128
+    distill: bool = False
+    baselines: tuple[int, ...] = (8, 4, 3)
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
+        if self.trace_method not in TRACE_METHODS:
+            raise ValueError(f"unknown trace method {self.trace_method!r}: choose one of {', '.join(TRACE_METHODS)}")
+        if not self.w_bits:
+            raise ValueError("no weight bit widths given: pass e.g. --bits 2 3 4 8")
+        for b in (*self.w_bits, *self.baselines, *([self.a_bits] if self.a_bits is not None else [])):
+            if isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
+                raise ValueError(f"bit width {b!r} is outside {MIN_BITS}..{MAX_BITS}: use whole numbers in that range")
+        if self.budget_mb is not None and self.budget_mb <= 0:
+            raise ValueError(f"--budget-mb must be positive, got {self.budget_mb}")
+        if self.compression is not None and self.compression <= 0:
+            raise ValueError(f"--compression must be positive, got {self.compression}")
+        if self.budget_mb is not None and self.compression is not None:
+            raise ValueError("give either --budget-mb or --compression, not both")
+        if not MIN_BITS <= self.budget_bits <= 32:
+            raise ValueError(f"--budget-bits must be between {MIN_BITS} and 32, got {self.budget_bits}")
+        for name in ("epochs", "batch_size", "trace_max_images", "trace_batch_size", "ft_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.ft_images < 0:
+            raise ValueError(f"--ft-images must be zero or positive, got {self.ft_images}")
+        if not 0 < self.trace_rel_tol < 1:
+            raise ValueError(f"--trace-rel-tol must be in (0, 1), got {self.trace_rel_tol}")
+        if self.sensitivity not in ("trace", "diag"):
+            raise ValueError(f"unknown sensitivity {self.sensitivity!r}: use 'trace' or 'diag'")
+
+    # Sizes of the --quick smoke run: a few hundred images everywhere.
+    @property
+    def train_images(self) -> int | None:
+        return 2048 if self.quick else None
+
+    @property
+    def test_images(self) -> int | None:
+        return 1000 if self.quick else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["w_bits"], d["baselines"] = list(self.w_bits), list(self.baselines)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"kind", "version", "fingerprint", "hawq_version", "torch_version", "device"}
+        if unknown:
+            raise ValueError(f"config has unknown keys {sorted(unknown)}: it was written by another tool")
+        kw = {k: v for k, v in d.items() if k in known}
+        for k in ("w_bits", "baselines"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    def fingerprint(self) -> str:
+        ident = {k: getattr(self, k) for k in IDENTITY_FIELDS}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return replace(self, **changes)

@@ -1,0 +1,250 @@
+"""A small COCO-format detection set built from Fashion-MNIST items placed on larger canvases.
+
+Each image is a `canvas` x `canvas` grey canvas holding 1..4 items (the 10 Fashion-MNIST classes), each
+rescaled by a factor drawn from `scale` (relative to the 28 px item) and placed so that no two boxes
+touch. A box is the tight box of the item's nonzero pixels (pixels under `INK_THRESHOLD` are cleared
+first, so the box is exactly the extent of what is drawn). Train images use items of the Fashion-MNIST
+train split, val images items of the test split. The same seed gives the same bytes.
+
+Layout of `out_dir` (true COCO: PNG files plus an annotation file per split):
+    train/000000.png ...   train.json     val/000000.png ...   val.json
+The set is written into a temporary sibling folder and renamed at the end, so a killed run leaves no
+half-written set; a folder that already holds a set built with the same parameters is reused.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import decode_png, encode_png
+
+from hawq.io import dumps
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+INK_THRESHOLD = 16  # grey levels below this count as background (Fashion-MNIST has faint stray pixels)
+_MAX_TRIES = 50  # placement attempts per item before it is left out
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read a (gzipped) IDX file of unsigned bytes into an array of its stored shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file: point fmnist_dir to the Fashion-MNIST files")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _load_split(fmnist_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    prefix = "train" if split == "train" else "t10k"
+    files = [fmnist_dir / f"{prefix}-{kind}-idx{n}-ubyte.gz" for kind, n in (("images", 3), ("labels", 1))]
+    for f in files:
+        if not f.exists():
+            raise ValueError(f"{f} not found: install the Debian package dataset-fashion-mnist or pass fmnist_dir")
+    return _read_idx(files[0]), _read_idx(files[1])
+
+
+@dataclass(frozen=True)
+class DetectionSetSpec:
+    """The parameters that define a generated set (stored in each annotation file's `info`)."""
+
+    n_train: int = 2000
+    n_val: int = 500
+    canvas: int = 96
+    min_objects: int = 1
+    max_objects: int = 4
+    min_scale: float = 0.6
+    max_scale: float = 1.6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_train < 1 or self.n_val < 1:
+            raise ValueError("n_train and n_val must be at least 1")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError("objects must be a range (lo, hi) with 1 <= lo <= hi")
+        if not 0 < self.min_scale <= self.max_scale or 28 * self.max_scale > self.canvas:
+            raise ValueError(f"scale must satisfy 0 < lo <= hi and 28*hi <= canvas ({self.canvas})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DetectionSetSpec:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class DetectionSetPaths:
+    root: Path
+    train_images: Path
+    train_json: Path
+    val_images: Path
+    val_json: Path
+
+    @classmethod
+    def at(cls, root: Path) -> DetectionSetPaths:
+        return cls(root, root / "train", root / "train.json", root / "val", root / "val.json")
+
+    def to_dict(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+
+def _item_patch(item: np.ndarray, size: int) -> np.ndarray:
+    """Resize a 28x28 item to size x size, clear faint pixels and crop to the tight box of the rest."""
+    x = torch.from_numpy(item.astype(np.float32))[None, None]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < 28)
+    patch = x[0, 0].round().clamp(0, 255).numpy().astype(np.uint8)
+    patch[patch < INK_THRESHOLD] = 0
+    rows, cols = np.nonzero(patch.any(axis=1))[0], np.nonzero(patch.any(axis=0))[0]
+    if rows.size == 0:
+        return patch[:0, :0]
+    return patch[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def _separated(box: tuple[int, int, int, int], boxes: list[tuple[int, int, int, int]]) -> bool:
+    """True if `box` (x, y, w, h) keeps at least one empty pixel between itself and every box."""
+    x, y, w, h = box
+    return all(x >= bx + bw + 1 or bx >= x + w + 1 or y >= by + bh + 1 or by >= y + h + 1 for bx, by, bw, bh in boxes)
+
+
+def _make_split(
+    items: np.ndarray, labels: np.ndarray, n: int, spec: DetectionSetSpec, rng: np.random.Generator, img_dir: Path
+) -> dict[str, Any]:
+    images, annotations = [], []
+    for image_id in range(1, n + 1):
+        canvas = np.zeros((spec.canvas, spec.canvas), dtype=np.uint8)
+        boxes: list[tuple[int, int, int, int]] = []
+        for _ in range(int(rng.integers(spec.min_objects, spec.max_objects + 1))):
+            k = int(rng.integers(len(items)))
+            size = int(round(28 * rng.uniform(spec.min_scale, spec.max_scale)))
+            patch = _item_patch(items[k], size)
+            h, w = patch.shape
+            if h == 0:
+                continue
+            for _ in range(_MAX_TRIES):
+                x, y = int(rng.integers(spec.canvas - w + 1)), int(rng.integers(spec.canvas - h + 1))
+                if _separated((x, y, w, h), boxes):
+                    break
+            else:
+                continue
+            boxes.append((x, y, w, h))
+            canvas[y : y + h, x : x + w] = patch
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": int(labels[k]) + 1,
+                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
+            })
+        name = f"{image_id - 1:06d}.png"
+        (img_dir / name).write_bytes(encode_png(torch.from_numpy(canvas)[None]).numpy().tobytes())
+        images.append({"id": image_id, "file_name": name, "width": spec.canvas, "height": spec.canvas})
+    return {"images": images, "annotations": annotations}
+
+
+def make_detection_set(
+    out_dir: str | os.PathLike,
+    fmnist_dir: str | os.PathLike | None = None,
+    n_train: int = 2000,
+    n_val: int = 500,
+    canvas: int = 96,
+    objects: tuple[int, int] = (1, 4),
+    scale: tuple[float, float] = (0.6, 1.6),
+    seed: int = 0,
+) -> DetectionSetPaths:
+    """Generate (or reuse) the Fashion-MNIST detection set in `out_dir`; returns its paths."""
+    spec = DetectionSetSpec(n_train, n_val, canvas, objects[0], objects[1], float(scale[0]), float(scale[1]), seed)
+    root = Path(out_dir)
+    paths = DetectionSetPaths.at(root)
+    if root.exists():
+        try:
+            found = json.loads(paths.val_json.read_text())["info"]["spec"]
+        except (OSError, ValueError, KeyError, TypeError):
+            found = None
+        if found == spec.to_dict():
+            return paths
+        raise ValueError(f"{root} exists but does not hold a detection set built with {spec}: delete it or "
+                         "choose another folder")
+    src = Path(fmnist_dir) if fmnist_dir is not None else FMNIST_DIR
+    rng = np.random.default_rng(seed)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        categories = [{"id": i + 1, "name": c, "supercategory": "fashion"} for i, c in enumerate(FMNIST_CLASSES)]
+        for split, n in (("train", spec.n_train), ("val", spec.n_val)):
+            items, labels = _load_split(src, split)
+            (tmp / split).mkdir()
+            coco = _make_split(items, labels, n, spec, rng, tmp / split)
+            coco["categories"] = categories
+            coco["info"] = {"description": f"Fashion-MNIST detection set ({split})", "spec": spec.to_dict()}
+            (tmp / f"{split}.json").write_text(dumps(coco))
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return paths
+
+
+def make_tiny_detection_set(out_dir: str | os.PathLike, seed: int = 0) -> DetectionSetPaths:
+    """A few images for tests (6 train, 4 val, 64 px canvas)."""
+    return make_detection_set(out_dir, n_train=6, n_val=4, canvas=64, scale=(0.6, 1.4), seed=seed)
+
+
+class CocoDetectionSet(Dataset):
+    """Images (1, H, W) float in [0, 1] and targets {"boxes" (N, 4) xyxy, "labels" (N,) 0-based, "image_id"}.
+
+    All images are decoded once into memory (the sets here are a few MB).
+    """
+
+    def __init__(self, images_dir: str | os.PathLike, coco_json: str | os.PathLike) -> None:
+        coco = json.loads(Path(coco_json).read_text())
+        self.image_ids = [im["id"] for im in coco["images"]]
+        self.images = torch.stack([
+            decode_png(torch.frombuffer(bytearray((Path(images_dir) / im["file_name"]).read_bytes()),
+                                        dtype=torch.uint8))
+            for im in coco["images"]
+        ])  # (N, 1, H, W) uint8
+        per_image: dict[int, list[dict[str, Any]]] = {i: [] for i in self.image_ids}
+        for a in coco["annotations"]:
+            per_image[a["image_id"]].append(a)
+        self.targets = []
+        for i in self.image_ids:
+            anns = per_image[i]
+            xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+            boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+            labels = torch.tensor([a["category_id"] - 1 for a in anns], dtype=torch.int64)
+            self.targets.append({"boxes": boxes, "labels": labels, "image_id": torch.tensor(i)})
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, idx: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.images[idx].float() / 255.0, self.targets[idx]
+
+
+def collate_detection(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """Stack the equal-sized images into (B, 1, H, W); keep targets as a list (as torchvision expects)."""
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+
+
+def detection_loader(
+    dataset: CocoDetectionSet, batch_size: int, shuffle: bool = False, seed: int = 0
+) -> DataLoader:
+    """Batches of (images (B, 1, H, W), targets); with shuffle, the order is fixed by `seed`."""
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      collate_fn=collate_detection, num_workers=0)

@@ -1,0 +1,160 @@
+"""Check an exported model in onnxruntime against PyTorch, and account for its size on disk."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+def ort_session(model: str | Path | bytes, *, threads: int | None = None):
+    """An onnxruntime CPU session with default graph optimizations (what a user gets)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(model: str | Path | bytes, x: np.ndarray, session=None) -> np.ndarray:
+    sess = session if session is not None else ort_session(model)
+    return sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def compare_logits(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
+    agree = float(np.mean(ref.argmax(axis=1) == out.argmax(axis=1))) if ref.ndim == 2 else float("nan")
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "top1_agreement": agree}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """onnxruntime against the PyTorch (fake-quantized) model on the same inputs; accuracies in 0..1."""
+
+    n_samples: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    torch_top1: float | None  # accuracy, when the batches carry labels
+    onnx_top1: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VerifyReport:
+        return cls(**d)
+
+
+@torch.no_grad()
+def verify_onnx(
+    path: str | Path,
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    min_agreement: float = 0.999,
+    n_batches: int | None = None,
+    progress: bool = False,
+) -> VerifyReport:
+    """Run `path` in onnxruntime and `model` in PyTorch on `batches` of inputs or (inputs, labels).
+
+    Raises ValueError when the top-1 agreement is below `min_agreement`.
+    """
+    sess = ort_session(path)
+    was_training = model.training
+    model.eval()
+    n = n_agree = n_torch_ok = n_onnx_ok = n_labeled = 0
+    max_diff, sum_diff, n_values = 0.0, 0.0, 0
+    try:
+        for i, batch in enumerate(tqdm(batches, desc="onnxruntime check", disable=not progress)):
+            if n_batches is not None and i >= n_batches:
+                break
+            x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+            ref = model(x).float().numpy()
+            out = run_onnx(path, x.numpy(), session=sess)
+            diff = np.abs(ref.astype(np.float64) - out)
+            max_diff, sum_diff, n_values = max(max_diff, float(diff.max())), sum_diff + float(diff.sum()), n_values + diff.size
+            p_ref, p_out = ref.argmax(1), out.argmax(1)
+            n, n_agree = n + len(x), n_agree + int((p_ref == p_out).sum())
+            if y is not None:
+                y = np.asarray(y)
+                n_labeled += len(y)
+                n_torch_ok, n_onnx_ok = n_torch_ok + int((p_ref == y).sum()), n_onnx_ok + int((p_out == y).sum())
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("verify_onnx got no batches: pass a non-empty iterable of inputs or (inputs, labels)")
+    report = VerifyReport(
+        n_samples=n, max_abs_diff=max_diff, mean_abs_diff=sum_diff / n_values, top1_agreement=n_agree / n,
+        torch_top1=n_torch_ok / n_labeled if n_labeled else None,
+        onnx_top1=n_onnx_ok / n_labeled if n_labeled else None,
+    )
+    if report.top1_agreement < min_agreement:
+        raise ValueError(
+            f"top-1 agreement {100 * report.top1_agreement:.2f}% below {100 * min_agreement:.1f}% between "
+            f"onnxruntime and PyTorch on {n} inputs (max |logit diff| {max_diff:.3g}): {path} does not "
+            "compute the fake-quantized model; report this with the model and plan"
+        )
+    return report
+
+
+def _tensor_bytes(t) -> int:
+    from onnx import numpy_helper
+
+    return len(t.raw_data) if t.raw_data else numpy_helper.to_array(t).nbytes
+
+
+def size_breakdown(path: str | Path) -> dict[str, int | float]:
+    """Bytes on disk of an exported model, by what they hold.
+
+    int_weight_bytes: packed integer weights; scale_bytes / zero_point_bytes: Q/DQ parameters;
+    float_param_bytes: every other tensor (biases, float layers, clip bounds); protobuf_overhead_bytes:
+    the rest of the file (graph, names, attributes). plan_weight_bytes is sum(n_params * w_bits) / 8 over
+    the quantized layers, the size an allocator computes; container_padding_bytes is what storing 3-bit
+    values in INT4 and 5-7-bit ones in INT8 (and rounding to whole bytes) adds to it.
+    """
+    import onnx
+
+    from hawq.export.onnx_export import METADATA_KEY
+
+    path = Path(path)
+    model = onnx.load(str(path))
+    role: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            if node.op_type == "DequantizeLinear" and len(node.input) > 0:
+                role.setdefault(node.input[0], "int_weight")
+            for name, kind in zip(node.input[1:3], ("scale", "zero_point")):
+                role[name] = kind
+    totals = {"int_weight": 0, "scale": 0, "zero_point": 0, "float_param": 0}
+    n_float_params = 0
+    for t in model.graph.initializer:
+        kind = role.get(t.name, "float_param")
+        if kind == "int_weight" and t.data_type == onnx.TensorProto.FLOAT:
+            kind = "float_param"
+        totals[kind] += _tensor_bytes(t)
+        if kind == "float_param":
+            n_float_params += math.prod(t.dims)
+    file_size = path.stat().st_size
+    meta = {p.key: p.value for p in model.metadata_props}
+    layers = json.loads(meta.get(METADATA_KEY, "[]"))
+    plan_bits = sum(layer["n_params"] * layer["w_bits"] for layer in layers if layer["w_bits"] is not None)
+    out: dict[str, int | float] = {f"{k}_bytes": v for k, v in totals.items()}
+    out.update(
+        file_size_bytes=file_size,
+        protobuf_overhead_bytes=file_size - sum(totals.values()),
+        n_float_params=n_float_params,
+        plan_weight_bytes=plan_bits / 8,
+        container_padding_bytes=totals["int_weight"] - plan_bits / 8,
+    )
+    return out

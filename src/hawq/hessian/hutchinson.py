@@ -1,0 +1,91 @@
+"""Hutchinson estimates of per-layer Hessian traces with true Hessian-vector products.
+
+Tr(H_l) = E_v[v_l^T (H v)_l] for Rademacher v over all layers jointly (cross-layer terms have mean zero).
+The gradient graph is built once per batch (create_graph=True) and reused by every probe; works for any
+loss and network whose ops have a double backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class NoDoubleBackwardError(ValueError):
+    """Some op on the path of these layers has no second derivative."""
+
+    def __init__(self, layers: Sequence[str], cause: str) -> None:
+        self.layers = list(layers)
+        super().__init__(
+            f"layers {', '.join(self.layers) or '(unknown)'} go through an op without double backward "
+            f"({cause}); Hessian-vector products are impossible there: use method='exact' (Gauss-Newton, "
+            "cross-entropy) or replace the op"
+        )
+
+
+def resolve_loss(loss: str | LossFn) -> LossFn:
+    if callable(loss):
+        return loss
+    if loss == "cross_entropy":
+        return F.cross_entropy
+    if loss == "mse":
+        return F.mse_loss
+    raise ValueError(f"unknown loss {loss!r}: use 'cross_entropy', 'mse' or a callable(output, target)")
+
+
+def rademacher(shape: torch.Size, like: Tensor, generator: torch.Generator) -> Tensor:
+    return (torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(like.dtype).to(like.device)
+
+
+def hvp_probes(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    n_probes: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """(n_probes, L) estimates v_l^T (H v)_l / n_l of the batch-mean loss's average traces."""
+    with torch.enable_grad():
+        loss = loss_fn(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+    live = [i for i, g in enumerate(grads) if g.requires_grad]  # others: gradient constant, H_l = 0
+    out = torch.zeros(n_probes, len(params), dtype=torch.float64)
+    for k in range(n_probes):
+        vs = [rademacher(p.shape, p, generator) for p in params]
+        if not live:
+            continue
+        hv = torch.autograd.grad(
+            [grads[i] for i in live],
+            params,
+            [vs[i] for i in live],
+            retain_graph=k < n_probes - 1,
+            allow_unused=True,
+        )
+        for li, (v, h) in enumerate(zip(vs, hv)):
+            if h is not None:
+                out[k, li] = float((v.double() * h.double()).sum()) / v.numel()
+    return out
+
+
+def find_no_double_backward(
+    model: nn.Module, names: Sequence[str], params: Sequence[Tensor], x: Tensor, y: Tensor, loss_fn: LossFn
+) -> list[str]:
+    """Which layers' Hessian-vector products fail (one small HVP per layer)."""
+    bad = []
+    with torch.enable_grad():
+        loss = loss_fn(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+    for name, g, p in zip(names, grads, params):
+        try:
+            if g.requires_grad:
+                torch.autograd.grad(g, p, torch.ones_like(g), retain_graph=True, allow_unused=True)
+        except RuntimeError:
+            bad.append(name)
+    return bad

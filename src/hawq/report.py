@@ -1,0 +1,170 @@
+"""report.md and figures/*.png from a run folder's artifacts (reads JSON only; no model is loaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hawq.io import _atomic_write_bytes, read_json
+
+MB = 2**20
+
+
+def _load(root: Path, name: str, kind: str) -> dict[str, Any] | None:
+    p = root / name
+    return read_json(p, kind) if p.exists() else None
+
+
+def _fig_traces(traces: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = traces["layers"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 3.6))
+    x = range(len(rows))
+    ax.bar(x, [r["trace"] for r in rows], yerr=[r["stderr"] for r in rows], capsize=2, color="#4c72b0")
+    ax.set_yscale("log")
+    ax.set_xticks(list(x), [r["fqn"] for r in rows], rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("average Hessian trace Tr(H)/n")
+    ax.set_title(f"Per-layer average trace ({traces.get('method')}, {traces.get('n_images')} images, ±1 s.e.)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fig_convergence(traces: dict, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    hist = traces.get("history") or {}
+    if not hist:
+        return False
+    rows = sorted(traces["layers"], key=lambda r: -r["trace"])[:8]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        h = [p for p in hist.get(r["fqn"], []) if p[1] != 0]
+        if not h:
+            continue
+        n = [p[0] for p in h]
+        mean = [p[1] / r["trace"] if r["trace"] else 0.0 for p in h]
+        se = [p[2] / r["trace"] if r["trace"] else 0.0 for p in h]
+        (line,) = ax.plot(n, mean, label=r["fqn"], lw=1.2)
+        ax.fill_between(n, [m - 2 * s for m, s in zip(mean, se)], [m + 2 * s for m, s in zip(mean, se)],
+                        color=line.get_color(), alpha=0.15)
+    ax.axhline(1.0, color="k", lw=0.6)
+    ax.set_xlabel("images processed")
+    ax.set_ylabel("running estimate / final estimate")
+    ax.set_title("Convergence of the largest layers' traces (band: ±2 s.e.)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _fig_frontier(frontier: dict, plan: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    pts = frontier["points"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.step([p["size_bytes"] / MB for p in pts], [p["omega"] for p in pts], where="post", color="#4c72b0",
+            lw=1, label=f"Pareto frontier ({len(pts)} plans)")
+    for name, u in sorted(plan.get("uniform", {}).items()):
+        ax.scatter(u["size_bytes"] / MB, u["omega"], marker="s", s=30, zorder=3, label=name)
+    ax.scatter(plan["size_bytes"] / MB, plan["omega"], marker="*", s=160, color="#c44e52", zorder=4,
+               label="HAWQ plan")
+    ax.axvline(plan["budget_bytes"] / MB, color="gray", ls="--", lw=0.8, label="budget")
+    ax.set_yscale("symlog", linthresh=max(1e-12, min((p["omega"] for p in pts if p["omega"] > 0), default=1e-6)))
+    ax.set_xlabel("model size (MB)")
+    ax.set_ylabel("total sensitivity Ω")
+    ax.set_title("Model size against total Ω")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fig_plan(plan: dict, traces: dict | None, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    names = list(plan["w_bits"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 3.4))
+    ax.bar(range(len(names)), [plan["w_bits"][n] for n in names], color="#55a868")
+    ax.set_xticks(range(len(names)), names, rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("weight bits")
+    ax.set_title(f"HAWQ plan: {plan['size_bytes'] / MB:.4f} MB")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _results_table(results: dict, plan: dict | None) -> list[str]:
+    models = results.get("models", {})
+    if not models:
+        return ["(no results yet)"]
+    fp = models.get("fp32", {})
+    lines = ["| model | size (MB) | Ω | top-1 before fine-tuning | top-1 after fine-tuning |", "|---|---|---|---|---|"]
+    if fp:
+        fp_size = plan["size"]["fp32_bytes"] / MB if plan and "size" in plan else float("nan")
+        lines.append(f"| full precision | {fp_size:.4f} | 0 | {fp['top1']:.2f} | - |")
+    order = sorted((k for k in models if k.startswith("uniform")), key=lambda k: -int(k[7:])) + ["hawq"]
+    for name in order:
+        m = models.get(name)
+        if not m or "top1_before_ft" not in m:
+            continue
+        label = "HAWQ-V2 plan" if name == "hawq" else f"uniform {name[7:]}-bit"
+        lines.append(f"| {label} | {m['size_mb']:.4f} | {m['omega']:.4g} | {m['top1_before_ft']:.2f} | "
+                     f"{m['top1']:.2f} |")
+    return lines
+
+
+def write_report(root: str | Path) -> Path:
+    """Write root/report.md and root/figures/*.png from whatever artifacts exist."""
+    root = Path(root)
+    cfg = _load(root, "config.json", "config") or {}
+    traces = _load(root, "traces.json", "traces")
+    plan = _load(root, "plan.json", "plan")
+    frontier = _load(root, "frontier.json", "frontier")
+    results = _load(root, "results.json", "results") or {}
+    figs = root / "figures"
+    figs.mkdir(exist_ok=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    md = [f"# hawq report: {cfg.get('model', '?')} on {cfg.get('dataset', '?')}", ""]
+    md += [f"Seed {cfg.get('seed')}, hawq {cfg.get('hawq_version')}, torch {cfg.get('torch_version')}, "
+           f"{cfg.get('device')}." + (" Quick smoke run (--quick): numbers are not meaningful." if cfg.get("quick")
+                                      else ""), ""]
+    md += ["## Accuracy", ""] + _results_table(results, plan) + [""]
+    if results.get("models", {}).get("hawq"):
+        ft = results["models"]["hawq"].get("ft_images")
+        md += [f"Every quantized model was fine-tuned identically ({ft} images, lr {cfg.get('ft_lr')}, cosine); "
+               "full precision is the trained model, not fine-tuned further.", ""]
+    if plan:
+        s = plan.get("size", {})
+        md += ["## Plan", "",
+               f"Budget {plan['budget_mb']:.4f} MB; plan {plan['size_bytes'] / MB:.4f} MB, total Ω {plan['omega']:.4g}"
+               f" ({plan.get('sensitivity', 'trace')} sensitivity). Whole model: "
+               f"{s.get('compression', float('nan')):.2f}x smaller than fp32; quantized layers: "
+               f"{s.get('quantized_compression', float('nan')):.2f}x.", "",
+               "![bits per layer](figures/plan.png)", ""]
+        _fig_plan(plan, traces, figs / "plan.png")
+        if frontier:
+            _fig_frontier(frontier, plan, figs / "frontier.png")
+            md += ["![Pareto frontier](figures/frontier.png)", ""]
+    if traces:
+        _fig_traces(traces, figs / "traces.png")
+        md += ["## Hessian traces", "", f"Method `{traces['method']}` on {traces['n_images']} images.", "",
+               "![traces](figures/traces.png)", ""]
+        if _fig_convergence(traces, figs / "convergence.png"):
+            md += ["![convergence](figures/convergence.png)", ""]
+        md += ["| layer | n_params | Tr(H)/n | s.e. | rel. s.e. |", "|---|---|---|---|---|"]
+        for r in traces["layers"]:
+            rel = r["stderr"] / abs(r["trace"]) if r["trace"] else 0.0
+            md.append(f"| {r['fqn']} | {r['n_params']} | {r['trace']:.4g} | {r['stderr']:.2g} | {100 * rel:.1f}% |")
+        md.append("")
+    stages = results.get("stages", {})
+    if stages:
+        md += ["## Wall time", "", "| stage | seconds |", "|---|---|"]
+        md += [f"| {k} | {v['wall_s']:.1f} |" for k, v in stages.items()] + [""]
+    path = root / "report.md"
+    _atomic_write_bytes(path, "\n".join(md).encode())
+    return path
