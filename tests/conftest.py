@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -38,6 +39,13 @@ def fake_fmnist(tmp_path_factory) -> Path:
     return make_fake_fmnist(tmp_path_factory.mktemp("fmnist"))
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HAWQ_CACHE", str(tmp_path / "cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Tests never read or fill the user's model cache."""
+    old = os.environ.get("HAWQ_CACHE")
+    os.environ["HAWQ_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("HAWQ_CACHE", None)
+    else:
+        os.environ["HAWQ_CACHE"] = old

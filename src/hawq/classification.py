@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from hawq.config import RunConfig
@@ -35,6 +36,7 @@ def load_data(cfg: RunConfig) -> ClassificationData:
 
 def build_model(cfg: RunConfig) -> nn.Module:
     in_channels, num_classes = DATASET_SHAPES[cfg.dataset]
+    torch.manual_seed(cfg.seed)  # the initial weights come from the run's seed
     return create_model(cfg.model, in_channels=in_channels, num_classes=num_classes)
 
 
@@ -49,7 +51,7 @@ def cache_dir() -> Path:
 
 
 def cache_key(cfg: RunConfig, tcfg: TrainConfig, n_train: int) -> str:
-    ident = {"model": cfg.model, "dataset": cfg.dataset, "n_train": n_train, "train": tcfg.to_dict(), "algo": 1}
+    ident = {"model": cfg.model, "dataset": cfg.dataset, "n_train": n_train, "train": tcfg.to_dict(), "algo": 2}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

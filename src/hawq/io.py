@@ -36,6 +36,8 @@ def dumps(obj: Any) -> str:
 def write_json(path: str | os.PathLike, kind: str, payload: dict[str, Any]) -> Path:
     """Write {"kind": kind, "version": ..., **payload} atomically."""
     path = Path(path)
+    if "kind" in payload or "version" in payload:
+        raise ValueError("artifact payloads may not hold 'kind' or 'version' keys")
     _atomic_write_bytes(path, dumps({"kind": kind, "version": ARTIFACT_VERSION, **payload}).encode())
     return path
 

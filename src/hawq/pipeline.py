@@ -22,17 +22,18 @@ from hawq.alloc import (
     best_plan,
     default_fixed,
     fp32_size_bytes,
-    model_size_bytes,
+    min_size_bytes,
     pareto_frontier,
     plan_for_bits,
     sensitivity_table,
     size_report,
+    sizing_table,
 )
 from hawq.config import RunConfig
 from hawq.data.fashion_mnist import batches
 from hawq.hessian import estimate_traces
 from hawq.io import read_json, save_torch, write_json
-from hawq.quant import calibrate_, quantizable_layers, quantize_
+from hawq.quant import calibrate_, quantize_
 from hawq.runfolder import RunFolder
 from hawq.train import TrainConfig, evaluate, train
 
@@ -55,9 +56,15 @@ def budget_bytes(cfg: RunConfig, table: SensitivityTable) -> float:
         return cfg.budget_mb * MB
     if cfg.compression is not None:
         return fp32_size_bytes(table) / cfg.compression
-    lo = int(min(max(cfg.budget_bits, 1), 7))
-    s_lo, s_hi = model_size_bytes(table, lo), model_size_bytes(table, lo + 1)
-    return s_lo + (cfg.budget_bits - lo) * (s_hi - s_lo)  # size is linear in the free layers' bits
+    return uniform_size_bytes(table, cfg.budget_bits)
+
+
+def uniform_size_bytes(table: SensitivityTable, bits: float) -> float:
+    """Size with every free layer at `bits` (may be fractional, e.g. 2.5) and fixed layers at their bits."""
+    total = 32 * table.other_params
+    for row in table.layers:
+        total += row.n_params * (row.bits[0] if row.fixed else bits)
+    return total / 8
 
 
 def _fixed(cfg: RunConfig, model: nn.Module) -> dict[str, int]:
@@ -66,10 +73,9 @@ def _fixed(cfg: RunConfig, model: nn.Module) -> dict[str, int]:
 
 def check_budget(cfg: RunConfig, model: nn.Module, example: torch.Tensor) -> None:
     """Fail before anything is written when no plan can meet the budget."""
-    table = sensitivity_table(model, {n: 1.0 for n in quantizable_layers(model)}, bits=cfg.w_bits,
-                              fixed=_fixed(cfg, model))
+    table = sizing_table(model, bits=cfg.w_bits, fixed=_fixed(cfg, model))
     budget = budget_bytes(cfg, table)
-    smallest = model_size_bytes(table, {row.fqn: min(row.bits) for row in table.layers})
+    smallest = min_size_bytes(table)
     if budget < smallest:
         raise ValueError(
             f"budget {budget / MB:.4f} MB is below the smallest feasible size {smallest / MB:.4f} MB "
@@ -163,7 +169,9 @@ def stage_allocate(ctx: Context, data: task.ClassificationData, model: nn.Module
         diagonals = load_torch(ctx.run.path("diagonals.pt"))
     table = sensitivity_table(model, means, bits=cfg.w_bits, fixed=_fixed(cfg, model), diagonals=diagonals,
                               example_input=data.train.images[:1])
-    write_json(ctx.run.path("sensitivity.json"), "sensitivity", table.to_dict())
+    table_dict = table.to_dict()
+    table_dict["measure"] = table_dict.pop("kind", "trace")
+    write_json(ctx.run.path("sensitivity.json"), "sensitivity", table_dict)
     frontier = pareto_frontier(table)
     budget = budget_bytes(cfg, table)
     plan = best_plan(table, budget, a_bits=cfg.a_bits)

@@ -85,9 +85,9 @@ def _fig_frontier(frontier: dict, plan: dict, path: Path) -> None:
 def _fig_plan(plan: dict, traces: dict | None, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    names = list(plan["w_bits"])
+    names = list(plan["layers"])
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 3.4))
-    ax.bar(range(len(names)), [plan["w_bits"][n] for n in names], color="#55a868")
+    ax.bar(range(len(names)), [plan["layers"][n]["w_bits"] for n in names], color="#55a868")
     ax.set_xticks(range(len(names)), names, rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("weight bits")
     ax.set_title(f"HAWQ plan: {plan['size_bytes'] / MB:.4f} MB")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hawq
 from hawq.alloc import (
@@ -122,3 +125,29 @@ def test_weight_frontier_with_ties_and_bops(seed, table_factory, brute):
         assert [c for c, _ in got] == [c for c, _ in ref]
         np.testing.assert_allclose([o for _, o in got], [o for _, o in ref], rtol=1e-12)
         assert all(p.w_bits[1] == p.w_bits[3] == p.w_bits[4] for p in front)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 20), st.integers(0, 6)), min_size=1, max_size=4),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_pareto_dp_property(options):
+    """Any small problem, ties included: the DP's set equals the brute-force frontier."""
+    costs = [np.array([c for c, _ in opts]) for opts in options]
+    omegas = [np.array([float(o) for _, o in opts]) for opts in options]
+    ps = pareto_dp(costs, omegas)
+    totals = sorted(
+        (sum(c for c, _ in combo), float(sum(o for _, o in combo))) for combo in itertools.product(*options)
+    )
+    ref = []
+    for c, o in totals:
+        if (not ref or o < ref[-1][1]) and not (ref and ref[-1][0] == c):
+            ref.append((c, o))
+    assert list(zip(ps.cost.tolist(), ps.omega.tolist())) == ref
+    for row, c, o in zip(ps.choice, ps.cost, ps.omega):  # back-pointers rebuild each point
+        assert sum(costs[g][k] for g, k in enumerate(row)) == c
+        assert sum(omegas[g][k] for g, k in enumerate(row)) == o

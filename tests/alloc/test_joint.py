@@ -16,7 +16,8 @@ A_BITS = (4, 8)
 
 def _act_omega(table, seed):
     rng = np.random.default_rng(seed)
-    return {r.fqn: {4: float(rng.uniform(0, 2)), 8: float(rng.uniform(0, 0.2))} for r in table.layers if not r.fixed}
+    free = [r.fqn for r in table.layers if not r.fixed]
+    return {f: {4: float(rng.uniform(0, 2)), 8: float(rng.uniform(0, 0.2))} for f in free}
 
 
 def _budgets(values, n=9):

@@ -15,11 +15,13 @@ from hawq.alloc import (
     SensitivityTable,
     best_plan,
     fp32_size_bytes,
+    min_size_bytes,
     model_size_bytes,
     pareto_frontier,
     plan_for_bits,
     sensitivity_table,
     size_report,
+    sizing_table,
 )
 from hawq.io import dumps
 from hawq.quant import QuantConv2d, QuantLinear
@@ -87,7 +89,7 @@ def test_infeasible_budget_message(cnn_table):
     with pytest.raises(ValueError) as err:
         best_plan(table, smallest - 0.125)
     msg = str(err.value)
-    assert f"{smallest / MB:.4f} MB" in msg and "lowest bit width" in msg and "--budget-mb" in msg
+    assert f"{smallest / MB:.6g} MB" in msg and "lowest bit width" in msg and "--budget-mb" in msg
     assert best_plan(table, smallest).size_bytes == smallest
 
 
@@ -113,3 +115,27 @@ def test_quantize_accepts_plan(cnn_table):
         assert (m.w_bits, m.a_bits) == (bits["w_bits"], bits["a_bits"])
     model(torch.randn(2, 1, 8, 8))
     hawq.quantize_(model, Plan.from_dict(plan.to_dict()))  # a plan read back from JSON works too
+
+
+def test_infinite_budget_takes_the_most_precise_plan(cnn_table):
+    _, table = cnn_table
+    assert best_plan(table, float("inf")) == plan_for_bits(table, 8)
+
+
+def test_sizing_table_matches_sensitivity_sizes(cnn_table):
+    model, table = cnn_table
+    sizing = sizing_table(model)
+    assert sizing.fqns == table.fqns and sizing.other_params == table.other_params
+    for b in (2, 3, 4, 8):
+        assert model_size_bytes(sizing, b) == model_size_bytes(table, b)
+    assert min_size_bytes(sizing) == min_size_bytes(table) == model_size_bytes(table, 2)
+    free = sizing_table(model, bits=(3, 4), fixed={})
+    assert min_size_bytes(free) == (220 * 3 + 22 * 32) / 8
+
+
+def test_table_reads_back_from_a_run_artifact(cnn_table):
+    """In sensitivity.json the envelope's "kind" is the artifact's; the table's own kind is "measure"."""
+    _, table = cnn_table
+    d = table.to_dict()
+    d["measure"] = d.pop("kind")
+    assert SensitivityTable.from_dict({**d, "kind": "sensitivity", "version": 1}) == table

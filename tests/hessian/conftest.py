@@ -62,3 +62,12 @@ def tiny_cnn_case():
     x = torch.randn(12, 1, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 10, (12,))
     return model, x, y
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: a second thread only adds contention (other jobs share the 2 cores)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

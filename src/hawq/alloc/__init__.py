@@ -10,8 +10,17 @@ from hawq.alloc.sensitivity import (
     default_fixed,
     layer_macs,
     sensitivity_table,
+    sizing_table,
 )
-from hawq.alloc.size import MB, fp32_size_bytes, model_size_bits, model_size_bytes, plan_bops, size_report
+from hawq.alloc.size import (
+    MB,
+    fp32_size_bytes,
+    min_size_bytes,
+    model_size_bits,
+    model_size_bytes,
+    plan_bops,
+    size_report,
+)
 
 __all__ = [
     "MB",
@@ -27,6 +36,7 @@ __all__ = [
     "joint_frontier",
     "layer_macs",
     "make_plan",
+    "min_size_bytes",
     "model_size_bits",
     "model_size_bytes",
     "pareto_dp",
@@ -36,6 +46,7 @@ __all__ = [
     "plan_from_point",
     "plan_omega",
     "sensitivity_table",
+    "sizing_table",
     "size_report",
     "solve_ilp",
     "weight_frontier",

@@ -8,12 +8,15 @@ Unlike the dynamic program it handles both budgets at once.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from hawq.alloc.options import Group
+
+OBJ_SCALE = 1e3
 
 
 def solve_ilp(
@@ -23,13 +26,16 @@ def solve_ilp(
     time_limit_s: float = 60.0,
 ) -> list[int] | None:
     """Option index per group of the min-Omega choice within the caps, or None if infeasible."""
+    if not groups:
+        return []
     sizes = [len(g.choices) for g in groups]
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     n = int(offsets[-1])
-    omega = np.concatenate([g.omega for g in groups])
-    scale = float(np.max(np.abs(omega))) if n and np.max(np.abs(omega)) > 0 else 1.0
-    c = omega - np.concatenate([np.full(len(g.omega), g.omega.min()) for g in groups])  # same argmin, >= 0
-    c = c / scale
+    # Shift each group's Omega to start at 0 (same argmin) and scale the largest to OBJ_SCALE, so that
+    # HiGHS's absolute gap (1e-6) cannot hide differences that matter.
+    c = np.concatenate([g.omega - g.omega.min() for g in groups])
+    if c.max() > 0:
+        c = c * (OBJ_SCALE / c.max())
     one = np.zeros((len(groups), n))
     for g in range(len(groups)):
         one[g, offsets[g] : offsets[g + 1]] = 1.0
@@ -55,7 +61,13 @@ def solve_ilp(
             options={"mip_rel_gap": 0.0, "time_limit": time_limit_s, "presolve": True},
         )
         if res.x is None:
+            if res.status not in (2,):  # 2: infeasible
+                warnings.warn(
+                    f"HiGHS stopped without a solution: {res.message}", RuntimeWarning, stacklevel=2
+                )
             return None
+        if res.status != 0:
+            warnings.warn(f"HiGHS plan is not proven optimal: {res.message}", RuntimeWarning, stacklevel=2)
         x = np.round(res.x).astype(np.int64)
         choice = [int(np.argmax(x[offsets[g] : offsets[g + 1]])) for g in range(len(groups))]
         # Integrality tolerances can let a rounded solution overshoot a cap by a few units: tighten and retry.

@@ -7,13 +7,12 @@ one choice. One budget: the Pareto dynamic program (exact); both budgets: the in
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 
 from hawq.alloc.frontier import FrontierPoint, frontier_points, solve_groups
 from hawq.alloc.ilp import solve_ilp
 from hawq.alloc.options import build_groups, decode, other_bits
-from hawq.alloc.plan import Plan, check_budget, make_plan
+from hawq.alloc.plan import Plan, budget_cap, check_budget, make_plan
 from hawq.alloc.sensitivity import SensitivityTable
 from hawq.alloc.size import MB
 
@@ -48,14 +47,14 @@ def best_joint_plan(
     if budget_bops is not None:
         _check_macs(table)
     groups = build_groups(table, tuple(a_bits), act_omega, ties)
-    size_cap = None if budget_bytes is None else math.floor(budget_bytes * 8) - other_bits(table)
-    bops_cap = None if budget_bops is None else math.floor(budget_bops)
+    size_cap = None if budget_bytes is None else budget_cap(budget_bytes, 8) - other_bits(table)
+    bops_cap = None if budget_bops is None else budget_cap(budget_bops)
     min_size = sum(int(g.size_bits.min()) for g in groups)
     min_bops = sum(int(g.bops.min()) for g in groups)
     if size_cap is not None and size_cap < min_size:
         raise ValueError(
-            f"budget {budget_bytes / MB:.4f} MB is below the smallest feasible size "
-            f"{(min_size + other_bits(table)) / 8 / MB:.4f} MB (every layer at its lowest bit width): "
+            f"budget {budget_bytes / MB:.6g} MB is below the smallest feasible size "
+            f"{(min_size + other_bits(table)) / 8 / MB:.6g} MB (every layer at its lowest bit width): "
             "raise --budget-mb"
         )
     if bops_cap is not None and bops_cap < min_bops:

@@ -65,6 +65,8 @@ def build_groups(
     (first and last layer stay at 8/8); their activation Omega is 0 where the caller gives none. A free
     layer needs act_omega for every a_bits option.
     """
+    if not a_bits:
+        raise ValueError("a_bits is empty: give activation bit options, e.g. (4, 8)")
     for a in a_bits:
         if a is not None:
             check_bits(a)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,8 @@ from hawq.alloc.options import build_groups, decode, other_bits
 from hawq.alloc.sensitivity import SensitivityTable
 from hawq.alloc.size import MB, _w_bits_of, model_size_bytes, plan_bops
 from hawq.quant import check_bits
+
+NO_CAP = 2**62  # far above any model's size in bits or BOPs, still an int64
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,13 @@ def plan_for_bits(
 def check_budget(value: float | None, what: str, flag: str) -> None:
     if value is None:
         return
-    if not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value <= 0:
         raise ValueError(f"{what} must be a positive number, got {value!r}: set {flag} above zero")
+
+
+def budget_cap(value: float, units_per: int = 1) -> int:
+    """Integer cap (bits or BOPs) of a budget; an infinite budget caps nothing."""
+    return NO_CAP if math.isinf(value) else math.floor(value * units_per)
 
 
 def best_plan(table: SensitivityTable, budget_bytes: float, a_bits: int | None = None) -> Plan:
@@ -115,12 +123,12 @@ def best_plan(table: SensitivityTable, budget_bytes: float, a_bits: int | None =
     """
     check_budget(budget_bytes, "the size budget", "--budget-mb")
     groups = build_groups(table)
-    cap_bits = math.floor(budget_bytes * 8) - other_bits(table)
+    cap_bits = budget_cap(budget_bytes, 8) - other_bits(table)
     smallest = sum(int(g.size_bits.min()) for g in groups) + other_bits(table)
     if cap_bits < smallest - other_bits(table):
         raise ValueError(
-            f"budget {budget_bytes / MB:.4f} MB is below the smallest feasible size "
-            f"{smallest / 8 / MB:.4f} MB "
+            f"budget {budget_bytes / MB:.6g} MB is below the smallest feasible size "
+            f"{smallest / 8 / MB:.6g} MB "
             "(every layer at its lowest bit width): raise --budget-mb"
         )
     ps = solve_groups(groups, "size", cap=cap_bits)

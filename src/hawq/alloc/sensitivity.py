@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from hawq.quant import check_bits, fake_quant_weight, quantizable_layers, weight_perturbation
 
@@ -123,8 +124,16 @@ class SensitivityTable:
             layers=tuple(LayerSensitivity.from_dict(x) for x in d["layers"]),
             other_params=int(d["other_params"]),
             bits=tuple(int(b) for b in d["bits"]),
-            kind=str(d.get("kind", "trace")),
+            kind=_table_kind(d),
         )
+
+
+def _table_kind(d: Mapping[str, Any]) -> str:
+    # Inside a run artifact "kind" names the artifact ("sensitivity"), so the table's own kind may be
+    # stored as "measure" instead.
+    if "measure" in d:
+        return str(d["measure"])
+    return str(d["kind"]) if d.get("kind") in TABLE_KINDS else "trace"
 
 
 def default_fixed(model: nn.Module) -> dict[str, int]:
@@ -188,6 +197,7 @@ def sensitivity_table(
     fixed: Mapping[str, int] | None = None,
     diagonals: Mapping[str, Tensor] | None = None,
     example_input: Tensor | None = None,
+    progress: bool = True,
 ) -> SensitivityTable:
     """Build the table from average traces Tr(H_i)/n_i (keyed by fqn).
 
@@ -195,7 +205,7 @@ def sensitivity_table(
     stay in float. `fixed` maps fqn -> bits (default: first and last layer at 8 bits; pass {} to free
     them); a fixed layer without a trace gets trace 0 (its Omega is a constant of every plan). With
     `diagonals` (fqn -> H_jj per weight), Omega uses the diagonal (kind "diag"). With `example_input`,
-    each row also holds its per-image MACs for BOPs.
+    each row also holds its per-image MACs for BOPs. A bar shows after 2 s unless `progress=False`.
     """
     cand = tuple(sorted({check_bits(int(b)) for b in bits}))
     if not cand:
@@ -215,9 +225,8 @@ def sensitivity_table(
     macs = layer_macs(model, example_input) if example_input is not None else {}
 
     rows = []
-    for fqn in names:
-        if fqn not in traces and fqn not in fixed:
-            continue
+    todo = [f for f in names if f in traces or f in fixed]
+    for fqn in tqdm(todo, desc="sensitivity", unit="layer", disable=not progress, delay=2.0, leave=False):
         w = model.get_submodule(fqn).weight
         n = w.numel()
         t = float(traces.get(fqn, 0.0))
@@ -231,11 +240,33 @@ def sensitivity_table(
             omega = {b: t * pert[b] for b in opts}
         rows.append(LayerSensitivity(fqn, n, t, opts, pert, omega, macs.get(fqn, 0)))
 
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
+    total = sum(p.numel() for p in model.parameters())  # shared parameters count once
     other = total - sum(r.n_params for r in rows)
     return SensitivityTable(tuple(rows), other, cand, kind)
+
+
+def sizing_table(
+    model: nn.Module, bits: Sequence[int] = (2, 3, 4, 8), fixed: Mapping[str, int] | None = None
+) -> SensitivityTable:
+    """A table with every Conv2d/Linear layer and Omega = 0: sizes and bounds without quantizing anything.
+
+    Cheap (no weight is quantized): use it to check a budget before traces exist, e.g.
+    `model_size_bytes(sizing_table(model), 2)` is the smallest size when every free layer takes 2 bits.
+    """
+    cand = tuple(sorted({check_bits(int(b)) for b in bits}))
+    if not cand:
+        raise ValueError("bits is empty: give candidate bit widths, e.g. (2, 3, 4, 8)")
+    fixed = default_fixed(model) if fixed is None else dict(fixed)
+    names = quantizable_layers(model)
+    unknown = [k for k in fixed if k not in names]
+    if unknown:
+        raise ValueError(f"fixed names {unknown}, which are not Conv2d/Linear layers of the model")
+    rows = []
+    for fqn in names:
+        opts = (check_bits(int(fixed[fqn])),) if fqn in fixed else cand
+        zero = {b: 0.0 for b in opts}
+        rows.append(
+            LayerSensitivity(fqn, model.get_submodule(fqn).weight.numel(), 0.0, opts, zero, dict(zero))
+        )
+    other = sum(p.numel() for p in model.parameters()) - sum(r.n_params for r in rows)
+    return SensitivityTable(tuple(rows), other, cand)

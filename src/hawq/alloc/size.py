@@ -51,6 +51,11 @@ def model_size_bytes(table: SensitivityTable, w_bits: Mapping[str, int] | int) -
     return model_size_bits(table, w_bits) / 8
 
 
+def min_size_bytes(table: SensitivityTable) -> float:
+    """The smallest feasible size: every layer at its lowest allowed bit width."""
+    return model_size_bytes(table, {r.fqn: min(r.bits) for r in table.layers})
+
+
 def fp32_size_bytes(table: SensitivityTable) -> float:
     """Size in bytes with every parameter in 32-bit float."""
     return 4.0 * (sum(r.n_params for r in table.layers) + table.other_params)

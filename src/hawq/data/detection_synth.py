@@ -14,7 +14,6 @@ half-written set; a folder that already holds a set built with the same paramete
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -28,37 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import decode_png, encode_png
+from torchvision.io import encode_png
 
+from hawq.data.coco import CocoDetection
+from hawq.data.fashion_mnist import CLASSES, FILES, find_data_dir, read_idx
 from hawq.io import dumps
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FMNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
 INK_THRESHOLD = 16  # grey levels below this count as background (Fashion-MNIST has faint stray pixels)
 _MAX_TRIES = 50  # placement attempts per item before it is left out
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """Read a (gzipped) IDX file of unsigned bytes into an array of its stored shape."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file: point fmnist_dir to the Fashion-MNIST files")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def _load_split(fmnist_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    prefix = "train" if split == "train" else "t10k"
-    files = [fmnist_dir / f"{prefix}-{kind}-idx{n}-ubyte.gz" for kind, n in (("images", 3), ("labels", 1))]
-    for f in files:
-        if not f.exists():
-            raise ValueError(f"{f} not found: install the Debian package dataset-fashion-mnist or pass fmnist_dir")
-    return _read_idx(files[0]), _read_idx(files[1])
+def _load_items(fmnist_dir: str | os.PathLike | None, split: str) -> tuple[np.ndarray, np.ndarray]:
+    folder = find_data_dir(fmnist_dir)
+    img_file, lbl_file = FILES[split]
+    return read_idx(folder / img_file), read_idx(folder / lbl_file)
 
 
 @dataclass(frozen=True)
@@ -179,14 +161,13 @@ def make_detection_set(
             return paths
         raise ValueError(f"{root} exists but does not hold a detection set built with {spec}: delete it or "
                          "choose another folder")
-    src = Path(fmnist_dir) if fmnist_dir is not None else FMNIST_DIR
     rng = np.random.default_rng(seed)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
     try:
-        categories = [{"id": i + 1, "name": c, "supercategory": "fashion"} for i, c in enumerate(FMNIST_CLASSES)]
+        categories = [{"id": i + 1, "name": c, "supercategory": "fashion"} for i, c in enumerate(CLASSES)]
         for split, n in (("train", spec.n_train), ("val", spec.n_val)):
-            items, labels = _load_split(src, split)
+            items, labels = _load_items(fmnist_dir, "train" if split == "train" else "test")
             (tmp / split).mkdir()
             coco = _make_split(items, labels, n, spec, rng, tmp / split)
             coco["categories"] = categories
@@ -204,47 +185,44 @@ def make_tiny_detection_set(out_dir: str | os.PathLike, seed: int = 0) -> Detect
     return make_detection_set(out_dir, n_train=6, n_val=4, canvas=64, scale=(0.6, 1.4), seed=seed)
 
 
-class CocoDetectionSet(Dataset):
-    """Images (1, H, W) float in [0, 1] and targets {"boxes" (N, 4) xyxy, "labels" (N,) 0-based, "image_id"}.
 
-    All images are decoded once into memory (the sets here are a few MB).
+class CachedDetection(Dataset):
+    """A split of the set held in memory: `ds[i] -> (image (1, H, W) in [0, 1], target)`.
+
+    Targets are those of `hawq.data.coco.CocoDetection` (boxes xyxy in pixels, labels 1..10, image_id);
+    `ann_file`, `coco` and `label_to_cat` are kept for scoring. Decoding the PNGs once, not every epoch,
+    keeps the training loop busy with the model.
     """
 
-    def __init__(self, images_dir: str | os.PathLike, coco_json: str | os.PathLike) -> None:
-        coco = json.loads(Path(coco_json).read_text())
-        self.image_ids = [im["id"] for im in coco["images"]]
-        self.images = torch.stack([
-            decode_png(torch.frombuffer(bytearray((Path(images_dir) / im["file_name"]).read_bytes()),
-                                        dtype=torch.uint8))
-            for im in coco["images"]
-        ])  # (N, 1, H, W) uint8
-        per_image: dict[int, list[dict[str, Any]]] = {i: [] for i in self.image_ids}
-        for a in coco["annotations"]:
-            per_image[a["image_id"]].append(a)
-        self.targets = []
-        for i in self.image_ids:
-            anns = per_image[i]
-            xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-            boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
-            labels = torch.tensor([a["category_id"] - 1 for a in anns], dtype=torch.int64)
-            self.targets.append({"boxes": boxes, "labels": labels, "image_id": torch.tensor(i)})
+    def __init__(self, images_dir: str | os.PathLike, ann_file: str | os.PathLike) -> None:
+        src = CocoDetection(images_dir, ann_file, mode="L")
+        self.ann_file = Path(ann_file)
+        self.coco, self.label_to_cat, self.num_classes = src.coco, src.label_to_cat, src.num_classes
+        items = [src[i] for i in range(len(src))]
+        self.images = torch.stack([im for im, _ in items])  # (N, 1, H, W)
+        self.targets = [t for _, t in items]
 
     def __len__(self) -> int:
-        return len(self.image_ids)
+        return len(self.targets)
 
     def __getitem__(self, idx: int) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.images[idx].float() / 255.0, self.targets[idx]
+        return self.images[idx], self.targets[idx]
 
 
-def collate_detection(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor, list[dict[str, Tensor]]]:
-    """Stack the equal-sized images into (B, 1, H, W); keep targets as a list (as torchvision expects)."""
+def load_detection_split(paths: DetectionSetPaths, split: str) -> CachedDetection:
+    """The "train" or "val" split of a generated set, decoded into memory."""
+    if split not in ("train", "val"):
+        raise ValueError(f"unknown split {split!r}: use 'train' or 'val'")
+    return CachedDetection(getattr(paths, f"{split}_images"), getattr(paths, f"{split}_json"))
+
+
+def stack_collate(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """Images of one size stacked to (B, 1, H, W); targets kept as a list (torchvision's form)."""
     return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
 
 
-def detection_loader(
-    dataset: CocoDetectionSet, batch_size: int, shuffle: bool = False, seed: int = 0
-) -> DataLoader:
-    """Batches of (images (B, 1, H, W), targets); with shuffle, the order is fixed by `seed`."""
-    gen = torch.Generator().manual_seed(seed) if shuffle else None
+def detection_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """Batches (images (B, 1, H, W), targets); with `shuffle` the order comes from `seed` alone."""
+    gen = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                      collate_fn=collate_detection, num_workers=0)
+                      collate_fn=stack_collate, num_workers=0)

@@ -3,8 +3,8 @@
 The model is traced by PyTorch's TorchScript ONNX exporter through its export view (`_view.py`), whose
 placeholders are then lowered to DequantizeLinear over INT8 / INT4 / INT2 initializers and to
 [Clip] -> QuantizeLinear -> DequantizeLinear on layer inputs (`_graph.py`); batch norm is folded into the
-preceding convolution. The opset is the lowest that holds the plan's types: 13 for 5-8 bits only, 21 when
-a 3-4-bit type is used, 25 when a 1-2-bit type is. `onnx.checker` runs on the result, and onnxruntime's
+preceding convolution. The opset is the lowest that holds the plan's weight types: 13 when every weight
+has 5-8 bits (INT8), 21 when one has 3-4 bits (INT4), 25 when one has 1-2 bits (INT2). `onnx.checker` runs on the result, and onnxruntime's
 logits on the example input are compared with the PyTorch model's.
 """
 
@@ -37,7 +37,7 @@ class LayerExport:
     w_bits: int | None
     a_bits: int | None
     w_type: str | None  # e.g. "INT4" for 3- or 4-bit weights
-    a_type: str | None  # e.g. "UINT8"
+    a_type: str | None  # "INT8": every activation grid is held in INT8 (see _graph.py)
     bn_folded: bool
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def _trace(view: nn.Module, example_input: Tensor, opset: int) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            view, (example_input,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
+            view, (example_input,), buf, dynamo=False, opset_version=opset, do_constant_folding=True, autograd_inlining=False,
             input_names=["input"], output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
@@ -142,8 +142,7 @@ def export_onnx(
     import onnx
     from onnx import version_converter
 
-    from hawq.export._graph import WEIGHT_CONTAINERS, lower_marks, type_name
-    from hawq.export._graph import ACT_CONTAINERS as ACT
+    from hawq.export._graph import ACT_CONTAINER, WEIGHT_CONTAINERS, lower_marks, type_name
     from hawq.export.verify import compare_logits, run_onnx
 
     view, marks = export_view(model)
@@ -175,7 +174,7 @@ def export_onnx(
         layers.append(LayerExport(
             fqn=fqn, n_params=m.weight.numel(), w_bits=m.w_bits, a_bits=m.a_bits,
             w_type=None if m.w_bits is None else type_name(WEIGHT_CONTAINERS[m.w_bits][0]),
-            a_type=None if m.a_bits is None else type_name(ACT[m.a_bits][0]),
+            a_type=None if m.a_bits is None else type_name(ACT_CONTAINER),
             bn_folded=folded.get(fqn, False),
         ))
     entry = proto.metadata_props.add()

@@ -108,8 +108,11 @@ class _Recorder(TorchFunctionMode):
 def inspect_model(model: nn.Module, x: Tensor) -> tuple[list[str], bool, int]:
     """Run one forward on x[:1]; return (curved op names, uses batch statistics, output width)."""
     rec = _Recorder()
+    x = x[:1].detach().clone()
+    if x.is_floating_point():
+        x.requires_grad_(True)  # so products of two activations show up whatever requires grad
     with torch.enable_grad(), rec:
-        out = model(x[:1])
+        out = model(x)
     width = out.shape[-1] if isinstance(out, Tensor) and out.dim() >= 1 else 0
     return sorted(rec.curved), rec.batch_stats, int(width)
 
@@ -130,7 +133,5 @@ def choose_method(method: str, loss: Any, curved: list[str], num_classes: int) -
         else:
             method = "hutchinson"
     if method in ("exact", "mc_fisher") and not ce:
-        raise ValueError(
-            f"method={method!r} needs loss='cross_entropy'; use method='hutchinson' for {loss!r}"
-        )
+        raise ValueError(f"method={method!r} needs loss='cross_entropy'; use method='hutchinson' for {loss!r}")
     return method, notes

@@ -20,22 +20,21 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hawq.hessian.activations import input_numels
 from hawq.hessian.detect import choose_method, inspect_model
 from hawq.hessian.hutchinson import (
     LossFn,
     NoDoubleBackwardError,
     find_no_double_backward,
-    hvp_probes,
     resolve_loss,
 )
 from hawq.hessian.persample import (
     available_memory_bytes,
     check_memory,
     chunk_memory_bytes,
-    persample_traces,
 )
-from hawq.hessian.result import LayerTrace, RunningStats, TraceResult, convergence
-from hawq.io import load_torch, save_torch
+from hawq.hessian.result import TraceResult
+from hawq.hessian.run import EstimationRun
 from hawq.quant import quantizable_layers
 
 METHODS = ("auto", "exact", "mc_fisher", "hutchinson")
@@ -58,9 +57,7 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
     modules = dict(model.named_modules())
     for n in names:
         if n not in modules or not isinstance(getattr(modules[n], "weight", None), Tensor):
-            raise ValueError(
-                f"{n!r} is not a layer with a weight in this model: see hawq.quantizable_layers(model)"
-            )
+            raise ValueError(f"{n!r} is not a layer with a weight in this model: see hawq.quantizable_layers(model)")
     if not names:
         raise ValueError("no layers to estimate: the model has no Conv2d/Linear layer, pass `layers`")
     if len(set(names)) != len(names):
@@ -155,6 +152,90 @@ def estimate_traces(
     `diagonal=True` (exact, mc_fisher): `result.diagonals[fqn]` is the Gauss-Newton diagonal (shape of the
     weight), e.g. for Omega = 1/2 sum_j H_jj (Q(W)_j - W_j)^2.
     """
+    return _estimate(
+        model,
+        batches,
+        layers,
+        False,
+        method,
+        loss,
+        rel_tol,
+        min_share,
+        max_images,
+        max_probes,
+        chunk_size,
+        seed,
+        progress,
+        diagonal,
+        state_path,
+        probes_per_batch,
+    )
+
+
+def estimate_activation_traces(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    layers: Sequence[str] | None = None,
+    *,
+    method: str = "auto",
+    loss: str | LossFn = "cross_entropy",
+    rel_tol: float = 0.05,
+    min_share: float = 0.01,
+    max_images: int | None = 4096,
+    max_probes: int = 200,
+    chunk_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    state_path: str | Path | None = None,
+    probes_per_batch: int = 1,
+) -> TraceResult:
+    """Average trace of each image's loss Hessian w.r.t. the INPUT activation of each layer.
+
+    `LayerTrace.n_params` is the numel of one image's input to the layer, `trace` is
+    E_i[Tr(d^2 loss_i / d a_i^2)] / n. The Hessian is block-diagonal over images, so one backward per class
+    (exact) or per probe (hutchinson, here `probes_per_batch` probes per chunk, each image its own probe)
+    gives every image's contribution; `n_samples` counts images. Methods, `auto` rule, stopping rule,
+    standard errors, determinism and `state_path` are as in `estimate_traces` (the Gauss-Newton identity
+    holds for activations of piecewise-linear nets too).
+    """
+    return _estimate(
+        model,
+        batches,
+        layers,
+        True,
+        method,
+        loss,
+        rel_tol,
+        min_share,
+        max_images,
+        max_probes,
+        chunk_size,
+        seed,
+        progress,
+        False,
+        state_path,
+        probes_per_batch,
+    )
+
+
+def _estimate(
+    model,
+    batches,
+    layers,
+    activations,
+    method,
+    loss,
+    rel_tol,
+    min_share,
+    max_images,
+    max_probes,
+    chunk_size,
+    seed,
+    progress,
+    diagonal,
+    state_path,
+    probes_per_batch,
+) -> TraceResult:
     _validate(method, rel_tol, min_share, max_images, max_probes, chunk_size)
     if probes_per_batch < 1:
         raise ValueError(f"probes_per_batch must be >= 1, got {probes_per_batch}")
@@ -163,7 +244,6 @@ def estimate_traces(
     mods = dict(model.named_modules())
     modules = [mods[n] for n in names]
     params = [m.weight for m in modules]
-    n_params = [p.numel() for p in params]
     ref = params[0]
 
     stream = _chunks(batches, chunk_size)
@@ -173,8 +253,10 @@ def estimate_traces(
         raise ValueError("`batches` is empty: pass at least one (inputs, labels) batch") from None
     stream = itertools.chain([first], stream)
 
-    with estimation_mode(model, params):
-        curved, batch_stats, width = inspect_model(model, _to_model(first[0], ref))
+    with estimation_mode(model, [] if activations else params):
+        x0 = _to_model(first[0], ref)
+        curved, batch_stats, width = inspect_model(model, x0)
+        n_params = input_numels(model, modules, x0) if activations else [p.numel() for p in params]
         if batch_stats:
             raise ValueError(
                 "the model normalizes with batch statistics in eval mode (track_running_stats="
@@ -184,7 +266,7 @@ def estimate_traces(
         if diagonal and used == "hutchinson":
             raise ValueError("diagonal=True needs method='exact' or 'mc_fisher' (cross-entropy loss)")
         loss_fn = resolve_loss(loss)
-        if used == "hutchinson":
+        if used == "hutchinson" and not activations:
             bad = _hvp_failures(model, names, params, first, loss_fn, ref)
             if bad is not None:
                 if method == "auto" and loss == "cross_entropy":
@@ -197,7 +279,7 @@ def estimate_traces(
                     used = "exact"
                 else:
                     raise bad
-        if used in ("exact", "mc_fisher"):
+        if used in ("exact", "mc_fisher") and not activations:
             k = width if used == "exact" else 1
             check_memory(
                 chunk_memory_bytes(model, modules, _to_model(first[0][:chunk_size], ref), k),
@@ -213,14 +295,13 @@ def estimate_traces(
                 "chunk": chunk_size,
                 "ppb": probes_per_batch,
                 "diag": diagonal,
+                "activations": activations,
                 "weights": weights_hash(model, names),
             }
         )
-        run = _Run(names, n_params, seed, diagonal, params)
+        run = EstimationRun(names, n_params, seed, diagonal, params, activations)
         run.maybe_resume(state_path, key)
-        bar = tqdm(
-            total=max_images, disable=not progress, desc=f"traces ({used})", unit="img", initial=run.images
-        )
+        bar = tqdm(total=max_images, disable=not progress, desc=f"traces ({used})", unit="img", initial=run.images)
         last_save = time.perf_counter()
         skip = run.images
         for x, y in stream:
@@ -237,129 +318,27 @@ def estimate_traces(
                 x, y = x[: max_images - run.images], y[: max_images - run.images]
             x, y = _to_model(x, ref), y.to(ref.device)
             try:
-                run.step(
-                    model, modules, used, x, y, loss_fn, min(probes_per_batch, max_probes - run.n_probes)
-                )
+                run.step(model, modules, used, x, y, loss_fn, min(probes_per_batch, max_probes - run.n_probes))
             except (torch.OutOfMemoryError, MemoryError) as e:
                 raise ValueError(
-                    f"out of memory on a chunk of {x.shape[0]} images: pass a smaller "
-                    f"chunk_size (now {chunk_size})"
+                    f"out of memory on a chunk of {x.shape[0]} images: pass a smaller chunk_size (now {chunk_size})"
                 ) from e
             bar.update(x.shape[0])
             if state_path is not None and time.perf_counter() - last_save > _SAVE_EVERY_S:
                 run.save(state_path, key)
                 last_save = time.perf_counter()
-            min_count = 5 if used == "hutchinson" else min(2 * chunk_size, 128)
+            min_count = 5 if used == "hutchinson" and not activations else min(2 * chunk_size, 128)
             if run.stats.count >= min_count and all(run.done(rel_tol, min_share)):
                 break
         bar.close()
         if state_path is not None:
             run.save(state_path, key)
-    if used == "hutchinson" and run.stats.count < 2:
+    if used == "hutchinson" and not activations and run.stats.count < 2:
         notes.append("one chunk of data only: the standard errors cover probe noise, not data sampling")
     return run.result(used, rel_tol, min_share, time.perf_counter() - t0, notes)
 
 
 def _hvp_failures(model, names, params, first, loss_fn, ref) -> NoDoubleBackwardError | None:
     x, y = _to_model(first[0][:2], ref), first[1][:2].to(ref.device)
-    try:
-        gen = torch.Generator().manual_seed(0)
-        hvp_probes(model, params, x, y, loss_fn, 1, gen)
-        return None
-    except RuntimeError as e:
-        return NoDoubleBackwardError(
-            find_no_double_backward(model, names, params, x, y, loss_fn), str(e)[:200]
-        )
-
-
-class _Run:
-    """Running sums, counters, history and RNG state of one estimation (what `state_path` holds)."""
-
-    def __init__(self, names, n_params, seed, diagonal, params) -> None:
-        self.names, self.n_params = list(names), list(n_params)
-        self.stats = RunningStats(names)
-        self.images = 0
-        self.n_backward = 0
-        self.n_probes = 0
-        self.history: dict[str, list[list[float]]] = {n: [] for n in names}
-        self.gen = torch.Generator().manual_seed(seed)
-        self.diag_sums: list[Tensor] | None = (
-            [torch.zeros(p.shape, dtype=torch.float64) for p in params] if diagonal else None
-        )
-
-    def step(self, model, modules, method, x, y, loss_fn, n_probes) -> None:
-        if method == "hutchinson":
-            est = hvp_probes(model, [m.weight for m in modules], x, y, loss_fn, n_probes, self.gen)
-            self.stats.add(est.mean(0, keepdim=True))  # probes of one chunk share its data: one sample
-            self.n_backward += 1 + n_probes
-            self.n_probes += n_probes
-        else:
-            values, diags, k = persample_traces(
-                model, modules, x, method, self.gen, self.diag_sums is not None
-            )
-            self.stats.add(values)
-            self.n_backward += k
-            if diags is not None:
-                for acc, d in zip(self.diag_sums, diags):
-                    acc += d.cpu()
-        self.images += x.shape[0]
-        mean, se = self.stats.mean(), self.stats.stderr()
-        if self.stats.count >= 2:
-            for i, n in enumerate(self.names):
-                self.history[n].append([float(self.images), float(mean[i]), float(se[i])])
-
-    def done(self, rel_tol: float, min_share: float) -> list[bool]:
-        return convergence(self.stats.mean(), self.stats.stderr(), self.n_params, rel_tol, min_share)
-
-    def result(self, method, rel_tol, min_share, wall_s, notes) -> TraceResult:
-        mean, se = self.stats.mean(), self.stats.stderr()
-        done = self.done(rel_tol, min_share)
-        n = self.n_probes if method == "hutchinson" else self.stats.count
-        layers = tuple(
-            LayerTrace(name, self.n_params[i], float(mean[i]), float(se[i]), n, done[i])
-            for i, name in enumerate(self.names)
-        )
-        diagonals = None
-        if self.diag_sums is not None:
-            diagonals = {
-                name: (d / max(self.images, 1)).float() for name, d in zip(self.names, self.diag_sums)
-            }
-        return TraceResult(
-            method, layers, self.images, self.n_backward, wall_s, self.history, tuple(notes), diagonals
-        )
-
-    def save(self, path, key: str) -> None:
-        save_torch(
-            path,
-            {
-                "key": key,
-                "stats": self.stats.state_dict(),
-                "images": self.images,
-                "n_backward": self.n_backward,
-                "n_probes": self.n_probes,
-                "history": self.history,
-                "gen": self.gen.get_state(),
-                "diag_sums": self.diag_sums,
-            },
-        )
-
-    def maybe_resume(self, path, key: str) -> None:
-        if path is None or not Path(path).exists():
-            return
-        s = load_torch(path)
-        if not isinstance(s, dict) or s.get("key") != key:
-            warnings.warn(
-                f"{path} holds the state of another estimation (weights or settings differ): starting afresh",
-                stacklevel=3,
-            )
-            return
-        self.stats.load_state_dict(s["stats"])
-        self.images, self.n_backward, self.n_probes = (
-            int(s["images"]),
-            int(s["n_backward"]),
-            int(s["n_probes"]),
-        )
-        self.history = {k: [list(r) for r in v] for k, v in s["history"].items()}
-        self.gen.set_state(s["gen"])
-        if s.get("diag_sums") is not None:
-            self.diag_sums = [d.clone() for d in s["diag_sums"]]
+    bad = find_no_double_backward(model, names, params, x, y, loss_fn)
+    return NoDoubleBackwardError(bad, "second derivative missing") if bad else None

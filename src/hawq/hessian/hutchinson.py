@@ -77,15 +77,19 @@ def hvp_probes(
 def find_no_double_backward(
     model: nn.Module, names: Sequence[str], params: Sequence[Tensor], x: Tensor, y: Tensor, loss_fn: LossFn
 ) -> list[str]:
-    """Which layers' Hessian-vector products fail (one small HVP per layer)."""
+    """Layers whose own Hessian block cannot be reached: the HVP raises, or comes back empty (what a
+    `once_differentiable` autograd Function silently gives)."""
     bad = []
     with torch.enable_grad():
         loss = loss_fn(model(x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True)
     for name, g, p in zip(names, grads, params):
         try:
+            h = None
             if g.requires_grad:
-                torch.autograd.grad(g, p, torch.ones_like(g), retain_graph=True, allow_unused=True)
+                (h,) = torch.autograd.grad(g, p, torch.ones_like(g), retain_graph=True, allow_unused=True)
+            if h is None:
+                bad.append(name)
         except RuntimeError:
             bad.append(name)
     return bad

@@ -14,7 +14,6 @@ a the (unfolded) input. Its squared norm is formed either by materializing the p
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -144,6 +143,32 @@ def output_grad_vectors(logits: Tensor, mode: str, generator: torch.Generator | 
     return u.to(logits.dtype)
 
 
+def gn_backward(
+    model: nn.Module,
+    modules: Sequence[nn.Module],
+    x: Tensor,
+    mode: str,
+    generator: torch.Generator | None,
+    wrt_input: bool = False,
+) -> tuple[list[list[tuple[Tensor, Tensor]]], list[Tensor], int]:
+    """Forward x, then backward the K vectors of `output_grad_vectors` to each layer's output (or its
+    own input, wrt_input=True). Returns (records, grads (K, B, ...) in record order, K)."""
+    with capture_io(modules, grad_input=wrt_input) as records, torch.enable_grad():
+        logits = model(x)
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError("per-sample traces need a model returning logits (B, C): use method='hutchinson'")
+    missing = [i for i, r in enumerate(records) if not r]
+    if missing:
+        raise ValueError(f"layers {missing} were not called in the forward pass: check `layers`")
+    u = output_grad_vectors(logits, mode, generator)  # (K, B, C)
+    targets = [t for r in records for _, t in r]
+    if u.shape[0] == 1:
+        grads = [g.unsqueeze(0) for g in torch.autograd.grad(logits, targets, grad_outputs=u[0])]
+    else:
+        grads = list(torch.autograd.grad(logits, targets, grad_outputs=u, is_grads_batched=True))
+    return records, grads, u.shape[0]
+
+
 def persample_traces(
     model: nn.Module,
     modules: Sequence[nn.Module],
@@ -157,23 +182,8 @@ def persample_traces(
     Returns (values (B, L) float64 with values[i, l] = sum_c p_ic ||grad_{W_l} CE_ic||^2 / n_l,
     per-layer diagonal sums (or None), number of backward passes spent).
     """
-    with capture_io(modules) as records, torch.enable_grad():
-        logits = model(x)
-    if logits.dim() != 2:
-        raise ValueError(
-            f"the model returns shape {tuple(logits.shape)}; per-sample traces need logits (B, C)"
-        )
-    missing = [i for i, r in enumerate(records) if not r]
-    if missing:
-        raise ValueError(f"layers {missing} were not called in the forward pass: check `layers`")
-    u = output_grad_vectors(logits, mode, generator)  # (K, B, C)
-    outs = [out for r in records for _, out in r]
-    if u.shape[0] == 1:
-        grads = tuple(g.unsqueeze(0) for g in torch.autograd.grad(logits, outs, grad_outputs=u[0]))
-    else:
-        grads = torch.autograd.grad(logits, outs, grad_outputs=u, is_grads_batched=True)
-    B = x.shape[0]
-    values = torch.empty(B, len(modules), dtype=torch.float64)
+    records, grads, k_vectors = gn_backward(model, modules, x, mode, generator)
+    values = torch.empty(x.shape[0], len(modules), dtype=torch.float64)
     diags: list[Tensor] | None = [] if diagonal else None
     j = 0
     for li, (m, r) in enumerate(zip(modules, records)):
@@ -183,7 +193,7 @@ def persample_traces(
         values[:, li] = norms.double() / m.weight.numel()
         if diags is not None:
             diags.append(diag.reshape(m.weight.shape).double())
-    return values, diags, u.shape[0]
+    return values, diags, k_vectors
 
 
 def chunk_memory_bytes(model: nn.Module, modules: Sequence[nn.Module], x: Tensor, n_vectors: int) -> int:
@@ -212,6 +222,3 @@ def available_memory_bytes() -> int | None:
     except OSError:
         pass
     return None
-
-
-__all__ = ["capture_io", "persample_traces", "output_grad_vectors", "sq_norms", "math"]

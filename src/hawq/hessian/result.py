@@ -146,9 +146,7 @@ class RunningStats:
         self.sumsq = s["sumsq"].clone()
 
 
-def convergence(
-    mean: Tensor, stderr: Tensor, n_params: Sequence[int], rel_tol: float, min_share: float
-) -> list[bool]:
+def convergence(mean: Tensor, stderr: Tensor, n_params: Sequence[int], rel_tol: float, min_share: float) -> list[bool]:
     """Which layers are done: relative stderr <= rel_tol, or a share of the total trace below min_share.
 
     The share uses full traces Tr(H_l) = n_l * mean_l (what the sensitivity Omega_l scales with), not

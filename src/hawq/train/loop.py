@@ -58,7 +58,7 @@ def train(
     """Train `model` in place on `cfg.n_images` images; returns the final running loss."""
     torch.manual_seed(cfg.seed)
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.dim() <= 1 else decay).append(p)
     opt = torch.optim.SGD(
@@ -89,7 +89,8 @@ def train(
         loss.backward()
         opt.step()
         sched.step()
-        running = 0.98 * running + 0.02 * float(loss) if seen else float(loss)
+        value = loss.item()
+        running = 0.98 * running + 0.02 * value if seen else value
         seen += len(y)
         bar.update(len(y))
         bar.set_postfix(loss=f"{running:.3f}")

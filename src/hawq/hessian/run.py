@@ -1,0 +1,111 @@
+"""The state of one estimation: running sums, counters, history and RNG (what `state_path` holds)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from hawq.hessian.activations import act_hutchinson, act_persample
+from hawq.hessian.hutchinson import hvp_probes
+from hawq.hessian.persample import persample_traces
+from hawq.hessian.result import LayerTrace, RunningStats, TraceResult, convergence
+from hawq.io import load_torch, save_torch
+
+
+class EstimationRun:
+    """Running sums, counters, history and RNG state of one estimation (what `state_path` holds)."""
+
+    def __init__(self, names, n_params, seed, diagonal, params, activations: bool = False) -> None:
+        self.names, self.n_params = list(names), list(n_params)
+        self.activations = activations
+        self.stats = RunningStats(names)
+        self.images = 0
+        self.n_backward = 0
+        self.n_probes = 0
+        self.history: dict[str, list[list[float]]] = {n: [] for n in names}
+        self.gen = torch.Generator().manual_seed(seed)
+        self.diag_sums: list[Tensor] | None = (
+            [torch.zeros(p.shape, dtype=torch.float64) for p in params] if diagonal else None
+        )
+
+    def step(self, model, modules, method, x, y, loss_fn, n_probes) -> None:
+        if self.activations:
+            if method == "hutchinson":
+                values, k = act_hutchinson(model, modules, x, y, loss_fn, n_probes, self.gen)
+                self.n_probes += n_probes
+            else:
+                values, k = act_persample(model, modules, x, method, self.gen)
+            self.stats.add(values)  # one sample per image either way (block-diagonal Hessian)
+            self.n_backward += k
+        elif method == "hutchinson":
+            est = hvp_probes(model, [m.weight for m in modules], x, y, loss_fn, n_probes, self.gen)
+            self.stats.add(est.mean(0, keepdim=True))  # probes of one chunk share its data: one sample
+            self.n_backward += 1 + n_probes
+            self.n_probes += n_probes
+        else:
+            values, diags, k = persample_traces(model, modules, x, method, self.gen, self.diag_sums is not None)
+            self.stats.add(values)
+            self.n_backward += k
+            if diags is not None:
+                for acc, d in zip(self.diag_sums, diags):
+                    acc += d.cpu()
+        self.images += x.shape[0]
+        mean, se = self.stats.mean(), self.stats.stderr()
+        if self.stats.count >= 2:
+            for i, n in enumerate(self.names):
+                self.history[n].append([float(self.images), float(mean[i]), float(se[i])])
+
+    def done(self, rel_tol: float, min_share: float) -> list[bool]:
+        return convergence(self.stats.mean(), self.stats.stderr(), self.n_params, rel_tol, min_share)
+
+    def result(self, method, rel_tol, min_share, wall_s, notes) -> TraceResult:
+        mean, se = self.stats.mean(), self.stats.stderr()
+        done = self.done(rel_tol, min_share)
+        n = self.n_probes if method == "hutchinson" and not self.activations else self.stats.count
+        layers = tuple(
+            LayerTrace(name, self.n_params[i], float(mean[i]), float(se[i]), n, done[i])
+            for i, name in enumerate(self.names)
+        )
+        diagonals = None
+        if self.diag_sums is not None:
+            diagonals = {name: (d / max(self.images, 1)).float() for name, d in zip(self.names, self.diag_sums)}
+        return TraceResult(method, layers, self.images, self.n_backward, wall_s, self.history, tuple(notes), diagonals)
+
+    def save(self, path, key: str) -> None:
+        save_torch(
+            path,
+            {
+                "key": key,
+                "stats": self.stats.state_dict(),
+                "images": self.images,
+                "n_backward": self.n_backward,
+                "n_probes": self.n_probes,
+                "history": self.history,
+                "gen": self.gen.get_state(),
+                "diag_sums": self.diag_sums,
+            },
+        )
+
+    def maybe_resume(self, path, key: str) -> None:
+        if path is None or not Path(path).exists():
+            return
+        s = load_torch(path)
+        if not isinstance(s, dict) or s.get("key") != key:
+            warnings.warn(
+                f"{path} holds the state of another estimation (weights or settings differ): starting afresh",
+                stacklevel=3,
+            )
+            return
+        self.stats.load_state_dict(s["stats"])
+        self.images, self.n_backward, self.n_probes = (
+            int(s["images"]),
+            int(s["n_backward"]),
+            int(s["n_probes"]),
+        )
+        self.history = {k: [list(r) for r in v] for k, v in s["history"].items()}
+        self.gen.set_state(s["gen"])
+        if s.get("diag_sums") is not None:
+            self.diag_sums = [d.clone() for d in s["diag_sums"]]
