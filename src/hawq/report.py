@@ -63,16 +63,17 @@ def _fig_convergence(traces: dict, path: Path) -> bool:
 def _fig_frontier(frontier: dict, plan: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    pts = frontier["points"]
+    pts = [p for p in frontier["points"] if p["omega"] > 0]  # log scale
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.step([p["size_bytes"] / MB for p in pts], [p["omega"] for p in pts], where="post", color="#4c72b0",
-            lw=1, label=f"Pareto frontier ({len(pts)} plans)")
+    ax.plot([p["size_bytes"] / MB for p in pts], [p["omega"] for p in pts], ".-", ms=2.5, color="#4c72b0",
+            lw=0.8, label=f"Pareto frontier ({len(frontier['points'])} plans)")
     for name, u in sorted(plan.get("uniform", {}).items()):
         ax.scatter(u["size_bytes"] / MB, u["omega"], marker="s", s=30, zorder=3, label=name)
     ax.scatter(plan["size_bytes"] / MB, plan["omega"], marker="*", s=160, color="#c44e52", zorder=4,
                label="HAWQ plan")
     ax.axvline(plan["budget_bytes"] / MB, color="gray", ls="--", lw=0.8, label="budget")
-    ax.set_yscale("symlog", linthresh=max(1e-12, min((p["omega"] for p in pts if p["omega"] > 0), default=1e-6)))
+    if pts:
+        ax.set_yscale("log")
     ax.set_xlabel("model size (MB)")
     ax.set_ylabel("total sensitivity Ω")
     ax.set_title("Model size against total Ω")
@@ -86,8 +87,13 @@ def _fig_plan(plan: dict, traces: dict | None, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(plan["layers"])
+    if traces:  # model order (JSON keys are sorted)
+        order = [r["fqn"] for r in traces["layers"] if r["fqn"] in plan["layers"]]
+        names = order + [n for n in names if n not in order]
+    bits = [plan["layers"][n]["w_bits"] for n in names]
+    palette = {1: "#c44e52", 2: "#dd8452", 3: "#ccb974", 4: "#55a868", 8: "#4c72b0"}
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 3.4))
-    ax.bar(range(len(names)), [plan["layers"][n]["w_bits"] for n in names], color="#55a868")
+    ax.bar(range(len(names)), bits, color=[palette.get(b, "#8172b3") for b in bits])
     ax.set_xticks(range(len(names)), names, rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("weight bits")
     ax.set_title(f"HAWQ plan: {plan['size_bytes'] / MB:.4f} MB")

@@ -1,5 +1,19 @@
 """Sensitivity, Pareto frontier, exact bit allocation, size and BOPs accounting (HAWQ-V2, steps 2-3)."""
 
+from hawq.alloc.baselines import (
+    ALLOCATORS,
+    empirical_fisher,
+    fisher_plan,
+    hawq_plan,
+    monotone_plan,
+    random_plan,
+    rescored_table,
+    reversed_plan,
+    score_plan,
+    top_eigenvalues,
+    uniform_plan,
+    v1_plan,
+)
 from hawq.alloc.frontier import FrontierPoint, ParetoSet, pareto_dp, pareto_frontier
 from hawq.alloc.ilp import solve_ilp
 from hawq.alloc.joint import best_joint_plan, joint_frontier, weight_frontier
@@ -23,31 +37,43 @@ from hawq.alloc.size import (
 )
 
 __all__ = [
-    "MB",
+    "ALLOCATORS",
     "FrontierPoint",
     "LayerSensitivity",
+    "MB",
     "ParetoSet",
     "Plan",
     "SensitivityTable",
     "best_joint_plan",
     "best_plan",
     "default_fixed",
+    "empirical_fisher",
+    "fisher_plan",
     "fp32_size_bytes",
+    "hawq_plan",
     "joint_frontier",
     "layer_macs",
     "make_plan",
     "min_size_bytes",
     "model_size_bits",
     "model_size_bytes",
+    "monotone_plan",
     "pareto_dp",
     "pareto_frontier",
     "plan_bops",
     "plan_for_bits",
     "plan_from_point",
     "plan_omega",
+    "random_plan",
+    "rescored_table",
+    "reversed_plan",
+    "score_plan",
     "sensitivity_table",
-    "sizing_table",
     "size_report",
+    "sizing_table",
     "solve_ilp",
+    "top_eigenvalues",
+    "uniform_plan",
+    "v1_plan",
     "weight_frontier",
 ]

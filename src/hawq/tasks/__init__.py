@@ -1,0 +1,1 @@
+"""Tasks beyond the default classification: model, training, scoring and the loss for Hessian traces."""
