@@ -55,6 +55,11 @@ def test_same_seed_gives_byte_identical_plan_and_traces(quick_run, tmp_path):
 
 def test_stages_rerun_alone(quick_run, capsys):
     out, _ = quick_run
+    traces = out / "traces.json"
+    stamp, content = traces.stat().st_mtime_ns, traces.read_bytes()
+    assert main(["trace", "--out", str(out)]) == 0  # same weights, data and settings: reused, not recomputed
+    assert "reusing traces.json" in capsys.readouterr().err
+    assert traces.stat().st_mtime_ns == stamp and traces.read_bytes() == content
     before = json.loads((out / "plan.json").read_text())
     assert main(["allocate", "--quiet", "--out", str(out), "--budget-bits", "8"]) == 0
     after = json.loads((out / "plan.json").read_text())

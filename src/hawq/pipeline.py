@@ -31,7 +31,7 @@ from hawq.alloc import (
 )
 from hawq.config import RunConfig
 from hawq.data.fashion_mnist import batches
-from hawq.hessian import estimate_traces
+from hawq.hessian import estimate_traces, weights_hash
 from hawq.io import read_json, save_torch, write_json
 from hawq.quant import calibrate_, quantize_
 from hawq.runfolder import RunFolder
@@ -135,24 +135,46 @@ def trace_batches(cfg: RunConfig, data: task.ClassificationData):
     return batches(data.train, cfg.trace_batch_size, shuffle=True, seed=cfg.seed + 1)
 
 
+def trace_settings(cfg: RunConfig) -> dict:
+    """What, besides the weights, decides the traces: a traces.json with the same values is reused."""
+    return {"method": cfg.trace_method, "rel_tol": cfg.trace_rel_tol, "max_images": trace_max_images(cfg),
+            "batch_size": cfg.trace_batch_size, "seed": cfg.seed, "dataset": cfg.dataset,
+            "n_train": None if cfg.train_images is None else cfg.train_images, "diagonal": cfg.sensitivity == "diag"}
+
+
+def trace_max_images(cfg: RunConfig) -> int:
+    return min(cfg.trace_max_images, 256) if cfg.quick else cfg.trace_max_images
+
+
 def stage_trace(ctx: Context, data: task.ClassificationData, model: nn.Module | None = None) -> dict:
     t0 = time.perf_counter()
     model = model if model is not None else load_fp32(ctx)
     cfg = ctx.cfg
-    max_images = min(cfg.trace_max_images, 256 if cfg.quick else cfg.trace_max_images)
+    settings, w_hash = trace_settings(cfg), weights_hash(model)
+    path = ctx.run.path("traces.json")
+    if path.exists():
+        old = read_json(path, "traces")
+        diag_ok = not settings["diagonal"] or ctx.run.path("diagonals.pt").exists()
+        if old.get("weights_hash") == w_hash and old.get("settings") == settings and diag_ok:
+            ctx.log("traces: reusing traces.json (same weights, data and settings)")
+            return old
+    partial = ctx.run.path("traces.partial.pt")  # running sums: an interrupted estimation resumes here
     result = estimate_traces(model, trace_batches(cfg, data), method=cfg.trace_method, rel_tol=cfg.trace_rel_tol,
-                             max_images=max_images, seed=cfg.seed, progress=ctx.progress,
-                             diagonal=cfg.sensitivity == "diag")
+                             max_images=trace_max_images(cfg), seed=cfg.seed, progress=ctx.progress,
+                             diagonal=settings["diagonal"], state_path=partial)
     payload = result.to_dict()
     wall_s = payload.pop("wall_s", time.perf_counter() - t0)
-    write_json(ctx.run.path("traces.json"), "traces", payload)
+    payload.update(weights_hash=w_hash, settings=settings)
     if getattr(result, "diagonals", None):
         save_torch(ctx.run.path("diagonals.pt"), result.diagonals)
+    write_json(path, "traces", payload)
+    partial.unlink(missing_ok=True)
     worst = max(lt.stderr / abs(lt.trace) if lt.trace else 0.0 for lt in result.layers)
     ctx.log(f"traces: {len(result.layers)} layers by {result.method} on {result.n_images} images "
             f"(largest relative standard error {100 * worst:.1f}%)")
     ctx.run.update_results(stage="trace", wall_s=time.perf_counter() - t0,
-                           traces={"method": result.method, "n_images": result.n_images, "wall_s": wall_s})
+                           traces={"method": result.method, "n_images": result.n_images, "wall_s": wall_s,
+                                   "n_backward": result.n_backward})
     return payload
 
 
