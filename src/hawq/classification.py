@@ -75,19 +75,20 @@ def full_precision_model(
     model = build_model(cfg)
     if cfg.checkpoint is not None:
         load_state_into(model, cfg.checkpoint)
-        return model.eval(), {"source": f"checkpoint {cfg.checkpoint}"}
+        return model.to(cfg.device).eval(), {"source": f"checkpoint {cfg.checkpoint}"}
     tcfg = fp_train_config(cfg, len(data.train))
     key = cache_key(cfg, tcfg, len(data.train))
     cached = cache_dir() / "fp32" / f"{cfg.model}-{cfg.dataset}-{key}.pt"
     if cached.exists():
         try:
             load_state_into(model, cached)
-            return model.eval(), {"source": f"cache {cached}", "cache_key": key, "train": tcfg.to_dict()}
+            return model.to(cfg.device).eval(), {"source": f"cache {cached}", "cache_key": key, "train": tcfg.to_dict()}
         except ValueError as e:
             print(f"hawq: ignoring the cached model ({e}); training again", file=sys.stderr)
             model = build_model(cfg)
+    model.to(cfg.device)
     stats = train(model, data.train, tcfg, progress=progress, desc="train fp32")
-    save_torch(cached, {"state_dict": model.state_dict(), "train": tcfg.to_dict()})
+    save_torch(cached, {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": tcfg.to_dict()})
     return model.eval(), {"source": "trained", "cache_key": key, "train": tcfg.to_dict(), **stats}
 
 

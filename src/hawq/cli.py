@@ -34,6 +34,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--download", action="store_true", help="download the data set if it is not found")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--quick", action="store_true", help="smoke run on a few hundred images (about a minute)")
+    g.add_argument("--device", default=d.device, help="cpu (default) or cuda[:N]")
     g = p.add_argument_group("full-precision model")
     g.add_argument("--checkpoint", default=None, help="full-precision weights to use instead of training")
     g.add_argument("--epochs", type=int, default=d.epochs)

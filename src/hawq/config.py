@@ -55,8 +55,11 @@ class RunConfig:
     distill: bool = False
     baselines: tuple[int, ...] = (8, 4, 3)
     quick: bool = False
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"unknown device {self.device!r}: use cpu or cuda[:N]")
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
         if self.dataset not in DATASETS:
@@ -103,7 +106,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"kind", "version", "fingerprint", "hawq_version", "torch_version", "device"}
+        unknown = set(d) - known - {"kind", "version", "fingerprint", "hawq_version", "torch_version", "machine"}
         if unknown:
             raise ValueError(f"config has unknown keys {sorted(unknown)}: it was written by another tool")
         kw = {k: v for k, v in d.items() if k in known}

@@ -128,7 +128,7 @@ def load_fp32(ctx: Context) -> nn.Module:
     if not path.exists():
         raise ValueError(f"{path} is missing: run `hawq run --out {ctx.run.root}` (or the fp32 stage) first")
     task.load_state_into(model, path)
-    return model.eval()
+    return model.to(ctx.cfg.device).eval()
 
 
 def trace_batches(cfg: RunConfig, data: task.ClassificationData):
@@ -190,7 +190,7 @@ def stage_allocate(ctx: Context, data: task.ClassificationData, model: nn.Module
 
         diagonals = load_torch(ctx.run.path("diagonals.pt"))
     table = sensitivity_table(model, means, bits=cfg.w_bits, fixed=_fixed(cfg, model), diagonals=diagonals,
-                              example_input=data.train.images[:1])
+                              example_input=data.train.images[:1].to(cfg.device))
     table_dict = table.to_dict()
     table_dict["measure"] = table_dict.pop("kind", "trace")
     write_json(ctx.run.path("sensitivity.json"), "sensitivity", table_dict)
@@ -255,15 +255,17 @@ def stage_finetune(ctx: Context, data: task.ClassificationData, model: nn.Module
 def stage_evaluate(ctx: Context, data: task.ClassificationData) -> dict:
     """Evaluate the fine-tuned checkpoints in qat/ again (e.g. on another --data-dir)."""
     t0 = time.perf_counter()
+    cfg = ctx.cfg
     fp32 = load_fp32(ctx)
     out = {"fp32": {"top1": evaluate(fp32, data.test)}}
     for name, plan in plans_to_compare(ctx).items():
         ckpt = ctx.run.path(f"qat/{name}.pt")
         if not ckpt.exists():
             raise ValueError(f"{ckpt} is missing: run `hawq finetune --out {ctx.run.root}` first")
-        qmodel = task.clone(fp32)
+        qmodel = task.clone(fp32).cpu()
         quantize_(qmodel, plan)
         task.load_state_into(qmodel, ckpt)
+        qmodel.to(cfg.device)
         out[name] = {"top1": evaluate(qmodel, data.test)}
         ctx.log(f"{name}: top-1 {out[name]['top1']:.2f}%")
     ctx.run.update_results(stage="evaluate", wall_s=time.perf_counter() - t0, models=out)

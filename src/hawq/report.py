@@ -137,7 +137,7 @@ def write_report(root: str | Path) -> Path:
     matplotlib.use("Agg")
     md = [f"# hawq report: {cfg.get('model', '?')} on {cfg.get('dataset', '?')}", ""]
     md += [f"Seed {cfg.get('seed')}, hawq {cfg.get('hawq_version')}, torch {cfg.get('torch_version')}, "
-           f"{cfg.get('device')}." + (" Quick smoke run (--quick): numbers are not meaningful." if cfg.get("quick")
+           f"device {cfg.get('device')} ({cfg.get('machine')})." + (" Quick smoke run (--quick): numbers are not meaningful." if cfg.get("quick")
                                       else ""), ""]
     md += ["## Accuracy", ""] + _results_table(results, plan) + [""]
     if results.get("models", {}).get("hawq"):

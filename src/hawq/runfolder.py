@@ -44,7 +44,8 @@ class RunFolder:
             fingerprint=cfg.fingerprint(),
             hawq_version=__version__,
             torch_version=torch.__version__.split("+")[0],
-            device=f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+            machine=f"{platform.machine()}, {torch.get_num_threads()} CPU threads"
+            + (f", {torch.cuda.get_device_name(cfg.device)}" if cfg.device.startswith("cuda") else ""),
         )
         write_json(self.config_path, "config", payload)
 

@@ -198,7 +198,12 @@ class CachedDetection(Dataset):
         src = CocoDetection(images_dir, ann_file, mode="L")
         self.ann_file = Path(ann_file)
         self.coco, self.label_to_cat, self.num_classes = src.coco, src.label_to_cat, src.num_classes
-        items = [src[i] for i in range(len(src))]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny per-image ops: extra threads only wait on each other on a busy machine
+        try:
+            items = [src[i] for i in range(len(src))]
+        finally:
+            torch.set_num_threads(threads)
         self.images = torch.stack([im for im, _ in items])  # (N, 1, H, W)
         self.targets = [t for _, t in items]
 

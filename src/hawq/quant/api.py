@@ -121,6 +121,8 @@ def calibrate_(model: nn.Module, batches: Iterable[Any], n_batches: int | None =
             if n_batches is not None and i >= n_batches:
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if isinstance(x, torch.Tensor):
+                x = x.to(next(model.parameters()).device)
             model(x)
     finally:
         for m in layers:

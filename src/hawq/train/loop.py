@@ -73,8 +73,10 @@ def train(
     running, seen = 0.0, 0
     bar = tqdm(total=n_steps * cfg.batch_size, desc=desc, unit="img", disable=not progress, leave=False)
     stream = _epoch_stream(data, cfg)
+    device = next(model.parameters()).device
     for _ in range(n_steps):
         x, y = next(stream)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         if teacher is not None and cfg.distill_temperature is not None:
@@ -104,9 +106,10 @@ def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 1000, prog
     """Top-1 accuracy in percent."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for x, y in tqdm(batches(data, batch_size), total=math.ceil(len(data) / batch_size), desc="eval",
                      disable=not progress, leave=False):
-        correct += int((model(x).argmax(1) == y).sum())
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
     model.train(was_training)
     return 100.0 * correct / len(data)
