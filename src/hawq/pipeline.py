@@ -115,7 +115,7 @@ def stage_fp32(ctx: Context, data: task.ClassificationData) -> nn.Module:
     t0 = time.perf_counter()
     model, record = task.full_precision_model(ctx.cfg, data, progress=ctx.progress)
     save_torch(ctx.run.path("fp32.pt"), {"state_dict": model.state_dict(), "model": ctx.cfg.model, **record})
-    top1 = evaluate(model, data.test)
+    top1 = evaluate(model, data.test, progress=ctx.progress)
     ctx.log(f"full precision: top-1 {top1:.2f}% ({record['source']})")
     ctx.run.update_results(stage="fp32", wall_s=time.perf_counter() - t0,
                            models={"fp32": {"top1": top1, "source": record["source"]}})
@@ -238,11 +238,11 @@ def stage_finetune(ctx: Context, data: task.ClassificationData, model: nn.Module
     for name, plan in plans_to_compare(ctx).items():
         ckpt = ctx.run.path(f"qat/{name}.pt")
         qmodel = quantized_copy(fp32, plan, data)
-        before = evaluate(qmodel, data.test)
+        before = evaluate(qmodel, data.test, progress=ctx.progress)
         if ft_images > 0:
             train(qmodel, data.train, tcfg, teacher=fp32 if cfg.distill else None, progress=ctx.progress,
                   desc=f"finetune {name}")
-        after = evaluate(qmodel, data.test) if ft_images > 0 else before
+        after = evaluate(qmodel, data.test, progress=ctx.progress) if ft_images > 0 else before
         save_torch(ckpt, {"state_dict": qmodel.state_dict(), "plan": plan.to_dict(), "finetune": tcfg.to_dict()})
         out[name] = {"top1_before_ft": before, "top1": after, "size_bytes": plan.size_bytes,
                      "size_mb": plan.size_bytes / MB, "omega": plan.omega, "bops": plan.bops,
@@ -257,7 +257,7 @@ def stage_evaluate(ctx: Context, data: task.ClassificationData) -> dict:
     t0 = time.perf_counter()
     cfg = ctx.cfg
     fp32 = load_fp32(ctx)
-    out = {"fp32": {"top1": evaluate(fp32, data.test)}}
+    out = {"fp32": {"top1": evaluate(fp32, data.test, progress=ctx.progress)}}
     for name, plan in plans_to_compare(ctx).items():
         ckpt = ctx.run.path(f"qat/{name}.pt")
         if not ckpt.exists():
@@ -266,7 +266,7 @@ def stage_evaluate(ctx: Context, data: task.ClassificationData) -> dict:
         quantize_(qmodel, plan)
         task.load_state_into(qmodel, ckpt)
         qmodel.to(cfg.device)
-        out[name] = {"top1": evaluate(qmodel, data.test)}
+        out[name] = {"top1": evaluate(qmodel, data.test, progress=ctx.progress)}
         ctx.log(f"{name}: top-1 {out[name]['top1']:.2f}%")
     ctx.run.update_results(stage="evaluate", wall_s=time.perf_counter() - t0, models=out)
     return out

@@ -136,9 +136,9 @@ def write_report(root: str | Path) -> Path:
 
     matplotlib.use("Agg")
     md = [f"# hawq report: {cfg.get('model', '?')} on {cfg.get('dataset', '?')}", ""]
+    quick = " Quick smoke run (--quick): the numbers mean nothing." if cfg.get("quick") else ""
     md += [f"Seed {cfg.get('seed')}, hawq {cfg.get('hawq_version')}, torch {cfg.get('torch_version')}, "
-           f"device {cfg.get('device')} ({cfg.get('machine')})." + (" Quick smoke run (--quick): numbers are not meaningful." if cfg.get("quick")
-                                      else ""), ""]
+           f"device {cfg.get('device')} ({cfg.get('machine')}).{quick}", ""]
     md += ["## Accuracy", ""] + _results_table(results, plan) + [""]
     if results.get("models", {}).get("hawq"):
         ft = results["models"]["hawq"].get("ft_images")

@@ -156,8 +156,9 @@ def dense_block(model, x, y, name):
     return hessian(f)(w).reshape(w.numel(), w.numel())
 
 
+@pytest.mark.parametrize("method", ["hvp", "gauss_newton", "auto"])
 @pytest.mark.parametrize("arch", ["tiny_mlp", "tiny_cnn"])
-def test_top_eigenvalues_match_dense_hessian(arch):
+def test_top_eigenvalues_match_dense_hessian(arch, method):
     torch.manual_seed(0)
     model = hawq.create_model(arch).double().eval()
     x = torch.randn(16, 8, dtype=torch.float64) if arch == "tiny_mlp" else torch.randn(
@@ -165,7 +166,8 @@ def test_top_eigenvalues_match_dense_hessian(arch):
     y = torch.randint(0, 3 if arch == "tiny_mlp" else 10, (len(x),))
     names = hawq.quantizable_layers(model)
     # two batches: the estimate averages over all images, as the dense reference does
-    eig = top_eigenvalues(model, [(x[:7], y[:7]), (x[7:], y[7:])], iters=500, tol=1e-12, progress=False)
+    eig = top_eigenvalues(model, [(x[:7], y[:7]), (x[7:], y[7:])], method=method, iters=500, tol=1e-12,
+                         chunk_size=5, progress=False)
     for name in names:
         evals = torch.linalg.eigvalsh(dense_block(model, x, y, name))
         top = evals[evals.abs().argmax()]
@@ -179,6 +181,8 @@ def test_top_eigenvalues_rejects_bad_arguments():
         top_eigenvalues(model, [(torch.randn(2, 8), torch.zeros(2, dtype=torch.long))], iters=0)
     with pytest.raises(ValueError, match="empty"):
         top_eigenvalues(model, [])
+    with pytest.raises(ValueError, match="method"):
+        top_eigenvalues(model, [(torch.randn(2, 8), torch.zeros(2, dtype=torch.long))], method="lanczos")
 
 
 def test_empirical_fisher_matches_per_image_gradients():

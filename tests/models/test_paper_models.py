@@ -11,7 +11,9 @@ The HAWQ papers' SqueezeNext baseline of 9.86 MB (float32, MB = 2**20 bytes) is 
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,5 +177,36 @@ def test_timm_without_timm_says_how_to_install(monkeypatch):
 
 def test_timm_model_when_installed():
     pytest.importorskip("timm")
-    m = create_timm_model("resnet18", in_channels=1, num_classes=3)
+    m = create_timm_model("resnet18", in_channels=1, num_classes=3).eval()
     assert m(torch.randn(1, 1, 32, 32)).shape == (1, 3)
+    with pytest.raises(ValueError, match="no model"):
+        create_timm_model("no_such_model_xyz")
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.json"))
+NEW_CONFIG_KEYS = {"image_size", "num_classes", "label_map"}  # RunConfig keys the recipes add
+
+
+def test_recipes_cover_the_paper_experiments():
+    names = {json.loads(p.read_text())["config"]["model"] for p in RECIPES}
+    assert names == {"resnet50", "inception_v3", "sqnxt23_w2", "retinanet_resnet50_fpn"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_is_consistent_and_its_budget_is_feasible(path):
+    from dataclasses import fields
+
+    from hawq.alloc import MB, fp32_size_bytes, min_size_bytes, sizing_table
+    from hawq.config import RunConfig
+
+    recipe = json.loads(path.read_text())
+    assert recipe["kind"] == "hawq_recipe" and recipe["version"] == 1
+    cfg, paper = recipe["config"], recipe["paper"]
+    assert set(cfg) <= {f.name for f in fields(RunConfig)} | NEW_CONFIG_KEYS
+    assert cfg["budget_mb"] == paper["hawq_v2"]["size_mb"]
+    assert paper["metric"] in ("top1", "map") and paper["hawq_v2"]["value"] < paper["fp32"]["value"]
+    kw = {"num_classes": cfg.get("num_classes", 1000)}
+    table = sizing_table(create_model(cfg["model"], **kw))  # first and last layer at 8 bits
+    assert min_size_bytes(table) < cfg["budget_mb"] * MB < fp32_size_bytes(table)
+    if paper["fp32"]["size_mb"] is not None:  # the paper's float size is this model's (within 0.5%)
+        assert fp32_size_bytes(table) / MB == pytest.approx(paper["fp32"]["size_mb"], rel=5e-3)

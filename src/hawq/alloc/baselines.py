@@ -36,8 +36,9 @@ from hawq.alloc.options import other_bits
 from hawq.alloc.plan import Plan, best_plan, check_budget, make_plan, plan_for_bits
 from hawq.alloc.sensitivity import SensitivityTable
 from hawq.alloc.size import MB, model_size_bits
+from hawq.hessian.detect import inspect_model
 from hawq.hessian.estimate import estimation_mode, resolve_layers
-from hawq.hessian.persample import capture_io, sq_norms
+from hawq.hessian.persample import capture_io, gn_backward, sq_norms
 
 ALLOCATORS = ("uniform", "random", "reversed", "v1", "fisher", "monotone", "hawq", "diag")
 
@@ -185,24 +186,36 @@ def top_eigenvalues(
     batches: Iterable[tuple[Tensor, Tensor]],
     layers: Sequence[str] | None = None,
     *,
+    method: str = "auto",
     iters: int = 20,
     tol: float = 1e-3,
     max_images: int | None = 256,
+    chunk_size: int = 64,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, float]:
     """Largest-magnitude eigenvalue of each layer's Hessian block of the mean cross-entropy (HAWQ-V1).
 
-    Power iteration v <- H_ll v / ||H_ll v|| on Hessian-vector products of each layer's own block
-    (double backward through the gradient w.r.t. that layer's weight), with H the average over the
-    images of `batches` (up to `max_images`). A layer stops once its Rayleigh quotient changes by less
-    than `tol` (relative) or after `iters` products. The model runs in eval mode; its flags come back.
+    Power iteration v <- H_ll v / ||H_ll v|| on each layer's own block, H averaged over the images of
+    `batches` (up to `max_images`); a layer stops once its Rayleigh quotient changes by less than `tol`
+    (relative) or after `iters` products. Products H_ll v:
+      hvp           double backward through the gradient w.r.t. that layer's weight (any network; one
+                    pass per layer and iteration);
+      gauss_newton  J_l^T (diag(p) - p p^T) J_l v from one class-batched backward per chunk shared by all
+                    layers (DESIGN.md: equal to the Hessian block for nets piecewise linear in each
+                    layer's weights, with cross-entropy);
+      auto          gauss_newton when the model has no curved op (hawq.hessian's check), else hvp.
+    The model runs in eval mode; its flags and requires_grad come back.
     """
     if iters < 1 or not tol >= 0:
         raise ValueError(f"iters must be >= 1 and tol >= 0, got iters={iters}, tol={tol}")
+    if method not in ("auto", "hvp", "gauss_newton"):
+        raise ValueError(f"unknown method {method!r}: use 'auto', 'hvp' or 'gauss_newton'")
     names = resolve_layers(model, layers)
-    params = [model.get_submodule(n).weight for n in names]
+    modules = [model.get_submodule(n) for n in names]
+    params = [m.weight for m in modules]
     data = _take(batches, max_images)
+    data = [(x[i : i + chunk_size], y[i : i + chunk_size]) for x, y in data for i in range(0, len(y), chunk_size)]
     n_total = sum(len(y) for _, y in data)
     g = torch.Generator().manual_seed(int(seed))
     vs = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p) for p in params]
@@ -210,15 +223,15 @@ def top_eigenvalues(
     eig = [math.nan] * len(names)
     active = list(range(len(names)))
     with estimation_mode(model, params):
+        if method == "auto":
+            method = "hvp" if inspect_model(model, data[0][0])[0] else "gauss_newton"
         for _ in tqdm(range(iters), desc="eigenvalues", disable=not progress, delay=2.0, leave=False):
             hv = [torch.zeros_like(p) for p in params]
             for x, y in data:
-                with torch.enable_grad():
-                    loss = F.cross_entropy(model(x), y, reduction="sum") / n_total
-                    grads = torch.autograd.grad(loss, [params[i] for i in active], create_graph=True)
-                for j, i in enumerate(active):
-                    (h,) = torch.autograd.grad(grads[j], params[i], grad_outputs=vs[i], retain_graph=True)
-                    hv[i] += h.detach()
+                if method == "hvp":
+                    _hvp_blocks(model, params, x, y, n_total, active, vs, hv)
+                else:
+                    _gn_blocks(model, modules, x, n_total, active, vs, hv)
             still = []
             for i in active:
                 new = float((hv[i] * vs[i]).sum())  # Rayleigh quotient, ||v|| = 1
@@ -233,6 +246,36 @@ def top_eigenvalues(
             if not active:
                 break
     return dict(zip(names, eig))
+
+
+def _hvp_blocks(model, params, x, y, n_total, active, vs, hv) -> None:
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x), y, reduction="sum") / n_total
+        grads = torch.autograd.grad(loss, [params[i] for i in active], create_graph=True)
+    for j, i in enumerate(active):
+        (h,) = torch.autograd.grad(grads[j], params[i], grad_outputs=vs[i], retain_graph=True)
+        hv[i] += h.detach()
+
+
+def _layer_fn(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
+    return m._conv_forward(x, w, None) if isinstance(m, nn.Conv2d) else F.linear(x, w)
+
+
+def _gn_blocks(model, modules, x, n_total, active, vs, hv) -> None:
+    # u_c = sqrt(p_c)(p - e_c): sum_c u_c u_c^T = diag(p) - p p^T, the Hessian of CE w.r.t. the logits
+    records, grads, _ = gn_backward(model, [modules[i] for i in active], x, "exact", None)
+    j = 0
+    for i, calls in zip(active, records):
+        m, gs = modules[i], grads[j : j + len(calls)]
+        j += len(calls)
+        with torch.no_grad():  # s[k, b] = u_kb^T J_b v: linear in the weight, so the layer applied to v
+            s = sum((gk * _layer_fn(m, inp, vs[i]).unsqueeze(0)).flatten(2).sum(-1) for (inp, _), gk in zip(calls, gs))
+        w = vs[i].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = sum((_layer_fn(m, inp, w) * torch.einsum("kb,kb...->b...", s, gk)).sum()
+                      for (inp, _), gk in zip(calls, gs))
+            (h,) = torch.autograd.grad(out, w)
+        hv[i] += h.detach() / n_total
 
 
 def empirical_fisher(

@@ -226,8 +226,32 @@ def stack_collate(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor
     return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
 
 
-def detection_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """Batches (images (B, 1, H, W), targets); with `shuffle` the order comes from `seed` alone."""
+class _FlipCollate:
+    """`stack_collate`, then each image and its boxes mirrored left-right with probability 1/2."""
+
+    def __init__(self, seed: int) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        images, targets = stack_collate(batch)
+        flip = torch.rand(len(targets), generator=self.gen) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        width = images.shape[-1]
+        out = []
+        for t, f in zip(targets, flip.tolist()):
+            if f:
+                b = t["boxes"]
+                t = {**t, "boxes": torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1)}
+            out.append(t)
+        return images, out
+
+
+def detection_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, flip: bool = False
+) -> DataLoader:
+    """Batches (images (B, 1, H, W), targets). With `shuffle` the order, with `flip` the random left-right
+    mirroring (Fashion-MNIST items are near-symmetric), come from `seed` alone."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                      collate_fn=stack_collate, num_workers=0)
+    collate = _FlipCollate(seed + 1) if flip else stack_collate
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, collate_fn=collate,
+                      num_workers=0)

@@ -4,14 +4,16 @@ Weights: a `hawq::WeightQ` node becomes DequantizeLinear(levels, scales, axis=0)
 initializer (1-2 bits in INT2, 3-4 in INT4, 5-8 in INT8; packed two or four per byte, first element in
 the low bits, as the ONNX spec stores sub-byte types). No zero point is stored: the grid is symmetric.
 
+
 Activations: a `hawq::ActQ` node becomes [Clip] -> QuantizeLinear -> DequantizeLinear holding the layer's
-unsigned grid 0..2^b-1 (scale s, zero point z) in an INT8 container shifted by -128: levels q - 128 with
-zero point z - 128 dequantize to exactly the same values (q - z) * s. The Clip, to the grid's range,
-precedes QuantizeLinear whenever the grid is smaller than the container (QuantizeLinear only saturates to
-its type's range). Why INT8 for every activation width: onnxruntime 1.32 fuses DQ -> Conv -> Q into
-QLinearConv whenever input and output share a type, also for UINT4 / UINT2 / INT2 types its kernels
-reject (the session then fails to load); a signed 8-bit input is fused only with INT8 weights, which its
-kernels support. Activation containers do not change the file size.
+unsigned grid 0..2^b-1 (scale, zero point) in a UINT8 container, preceded by a Clip to the grid's range
+when the grid is smaller than the container (QuantizeLinear only saturates to its type's range).
+Activation containers do not change the file size. The input of a layer with INT2 weights uses UINT16
+instead: onnxruntime 1.32 fuses DQ(x) -> Conv/Gemm(DQ(w)) -> Q into QLinearConv/QGemm when input and
+output types match, without checking for INT2 weights that those kernels reject (the session then fails
+to load); it never fuses 16-bit activations on the CPU. (Dequantizing INT2 by Cast + Mul instead is
+worse: it constant-folds them to float and re-quantizes that float weight per tensor, changing the
+numbers.)
 
 Batch norm: y = k * (conv(x, W) + b - mean) + beta with k = gamma / sqrt(var + eps). For a quantized
 weight W = levels * s we fold k into the DequantizeLinear scale (s' = s * |k|, levels' = levels * sign(k))
@@ -31,8 +33,12 @@ from hawq.export._view import MARK_DOMAIN, ActMark, WeightMark
 WEIGHT_CONTAINERS = {1: (TensorProto.INT2, 2, 25), 2: (TensorProto.INT2, 2, 25)}
 WEIGHT_CONTAINERS.update({b: (TensorProto.INT4, 4, 21) for b in (3, 4)})
 WEIGHT_CONTAINERS.update({b: (TensorProto.INT8, 8, 13) for b in range(5, 9)})
-ACT_CONTAINER, ACT_SHIFT = TensorProto.INT8, -128
 MIN_OPSET = 13  # per-axis DequantizeLinear
+
+
+def act_container(w_bits: int | None) -> int:
+    """Container of a layer's input grid: UINT8, or UINT16 before INT2 weights (see the docstring)."""
+    return TensorProto.UINT16 if w_bits in (1, 2) else TensorProto.UINT8
 
 
 def type_name(elem_type: int) -> str:
@@ -190,14 +196,16 @@ def _weight_nodes(gr: _Graph, node: onnx.NodeProto, mark: WeightMark) -> tuple[l
 
 def _act_nodes(gr: _Graph, node: onnx.NodeProto, mark: ActMark) -> list[onnx.NodeProto]:
     x, prefix, levels = node.input[0], mark.fqn, 2**mark.a_bits - 1
+    container = act_container(mark.w_bits)
     nodes = []
-    if levels < 255:
+    if levels < (255 if container == TensorProto.UINT8 else 65535):
         lo = gr.add(_float(f"{prefix}.input_clip_min", np.float32((0 - mark.zero_point) * mark.scale)))
         hi = gr.add(_float(f"{prefix}.input_clip_max", np.float32((levels - mark.zero_point) * mark.scale)))
         nodes.append(helper.make_node("Clip", [x, lo, hi], [f"{prefix}/input_clipped"], name=f"{prefix}/input_clip"))
         x = nodes[-1].output[0]
     s = gr.add(_float(f"{prefix}.input_scale", np.float32(mark.scale)))
-    z = gr.add(numpy_helper.from_array(np.array(mark.zero_point + ACT_SHIFT, np.int8), f"{prefix}.input_zero_point"))
+    dtype = np.uint8 if container == TensorProto.UINT8 else np.uint16
+    z = gr.add(numpy_helper.from_array(np.array(mark.zero_point, dtype), f"{prefix}.input_zero_point"))
     nodes.append(helper.make_node("QuantizeLinear", [x, s, z], [f"{prefix}/input_q"], name=f"{prefix}/input_q"))
     nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}/input_q", s, z], [node.output[0]],
                                   name=f"{prefix}/input_dq"))

@@ -42,6 +42,7 @@ class ActMark:
     a_bits: int
     scale: float
     zero_point: int
+    w_bits: int | None  # the layer's weight bits: the container of its input depends on them
 
 
 class _WeightQ(torch.autograd.Function):
@@ -128,6 +129,6 @@ def export_view(model: nn.Module) -> tuple[nn.Module, dict[int, WeightMark | Act
         if m.a_bits is not None:
             scale, zero_point, _, _ = activation_qparams(float(m.act_min), float(m.act_max), m.a_bits)
             a_tag = len(marks)
-            marks[a_tag] = ActMark(fqn, m.a_bits, scale, zero_point)
+            marks[a_tag] = ActMark(fqn, m.a_bits, scale, zero_point, m.w_bits)
         _set_module(view, fqn, _MarkedLayer(m, w_tag, a_tag))
     return view, marks

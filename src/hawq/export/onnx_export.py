@@ -37,7 +37,7 @@ class LayerExport:
     w_bits: int | None
     a_bits: int | None
     w_type: str | None  # e.g. "INT4" for 3- or 4-bit weights
-    a_type: str | None  # "INT8": every activation grid is held in INT8 (see _graph.py)
+    a_type: str | None  # "UINT8", or "UINT16" before INT2 weights (see _graph.py)
     bn_folded: bool
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,7 +142,7 @@ def export_onnx(
     import onnx
     from onnx import version_converter
 
-    from hawq.export._graph import ACT_CONTAINER, WEIGHT_CONTAINERS, lower_marks, type_name
+    from hawq.export._graph import WEIGHT_CONTAINERS, act_container, lower_marks, type_name
     from hawq.export.verify import compare_logits, run_onnx
 
     view, marks = export_view(model)
@@ -174,7 +174,7 @@ def export_onnx(
         layers.append(LayerExport(
             fqn=fqn, n_params=m.weight.numel(), w_bits=m.w_bits, a_bits=m.a_bits,
             w_type=None if m.w_bits is None else type_name(WEIGHT_CONTAINERS[m.w_bits][0]),
-            a_type=None if m.a_bits is None else type_name(ACT_CONTAINER),
+            a_type=None if m.a_bits is None else type_name(act_container(m.w_bits)),
             bn_folded=folded.get(fqn, False),
         ))
     entry = proto.metadata_props.add()

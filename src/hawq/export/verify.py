@@ -108,6 +108,9 @@ def verify_onnx(
     return report
 
 
+_INT_WEIGHT_TYPES = (3, 22, 26)  # TensorProto.INT8, INT4, INT2
+
+
 def _tensor_bytes(t) -> int:
     from onnx import numpy_helper
 
@@ -129,22 +132,19 @@ def size_breakdown(path: str | Path) -> dict[str, int | float]:
 
     path = Path(path)
     model = onnx.load(str(path))
-    role: dict[str, str] = {}
-    for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            if node.op_type == "DequantizeLinear" and len(node.input) > 0:
-                role.setdefault(node.input[0], "int_weight")
-            for name, kind in zip(node.input[1:3], ("scale", "zero_point")):
-                role[name] = kind
     totals = {"int_weight": 0, "scale": 0, "zero_point": 0, "float_param": 0}
     n_float_params = 0
     for t in model.graph.initializer:
-        kind = role.get(t.name, "float_param")
-        if kind == "int_weight" and t.data_type == onnx.TensorProto.FLOAT:
+        if t.name.endswith((".weight_scale", ".input_scale")):
+            kind = "scale"
+        elif t.name.endswith(".input_zero_point"):
+            kind = "zero_point"
+        elif t.data_type in _INT_WEIGHT_TYPES:
+            kind = "int_weight"
+        else:
             kind = "float_param"
-        totals[kind] += _tensor_bytes(t)
-        if kind == "float_param":
             n_float_params += math.prod(t.dims)
+        totals[kind] += _tensor_bytes(t)
     file_size = path.stat().st_size
     meta = {p.key: p.value for p in model.metadata_props}
     layers = json.loads(meta.get(METADATA_KEY, "[]"))

@@ -117,21 +117,21 @@ def inspect_model(model: nn.Module, x: Tensor) -> tuple[list[str], bool, int]:
     return sorted(rec.curved), rec.batch_stats, int(width)
 
 
-def choose_method(method: str, loss: Any, curved: list[str], num_classes: int) -> tuple[str, list[str]]:
+def choose_method(method: str, loss: Any, curved: list[str], num_classes: int = 0) -> tuple[str, list[str]]:
     """The `auto` rule (see estimate_traces) and notes on what the chosen method means for this net."""
     notes: list[str] = []
     ce = loss == "cross_entropy"
     if curved:
         what = ", ".join(curved)
-        if method in ("exact", "mc_fisher"):
+        if method in ("exact", "mc_fisher", "mc_fisher_is"):
             notes.append(f"model has {what}: Gauss-Newton approximates the Hessian (trace is the GN trace)")
         else:
             notes.append(f"model has {what}: not piecewise linear, so Hessian-vector products are used")
     if method == "auto":
         if ce and not curved:
-            method = "exact" if num_classes <= 100 else "mc_fisher"
+            method = "mc_fisher_is"
         else:
             method = "hutchinson"
-    if method in ("exact", "mc_fisher") and not ce:
+    if method in ("exact", "mc_fisher", "mc_fisher_is") and not ce:
         raise ValueError(f"method={method!r} needs loss='cross_entropy'; use method='hutchinson' for {loss!r}")
     return method, notes

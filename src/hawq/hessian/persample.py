@@ -138,6 +138,14 @@ def output_grad_vectors(logits: Tensor, mode: str, generator: torch.Generator | 
     elif mode == "mc_fisher":
         c = torch.multinomial(p, 1, generator=generator).squeeze(1)  # (B,)
         u = (p - F.one_hot(c, C).to(p.dtype)).unsqueeze(0)  # (1, B, C)
+    elif mode == "mc_fisher_is":
+        # importance sampling: q_c ~ p_c ||p - e_c||^2, weight p_c / q_c (unbiased; if ||J^T u|| ~ ||u||,
+        # every label gives nearly the same value and the label noise vanishes)
+        q = p * ((p * p).sum(1, keepdim=True) - 2 * p + 1) + 1e-30
+        q = q / q.sum(1, keepdim=True)
+        c = torch.multinomial(q, 1, generator=generator).squeeze(1)
+        w = (p.gather(1, c[:, None]) / q.gather(1, c[:, None])).sqrt()  # (B, 1)
+        u = ((p - F.one_hot(c, C).to(p.dtype)) * w).unsqueeze(0)
     else:
         raise ValueError(f"unknown per-sample mode {mode!r}")
     return u.to(logits.dtype)

@@ -3,7 +3,7 @@
 Nothing is downloaded: every entry builds the architecture with torchvision's `weights=None` and, given
 `weights=PATH`, loads a local state dict (a plain state dict, or a checkpoint dict holding one under
 "state_dict" or "model"; "module." prefixes of DistributedDataParallel checkpoints are stripped).
-torchvision's own pretrained files (e.g. resnet50-11ad3fa6.pth, inception_v3_google-0cc3c7bd.pth,
+torchvision's own pretrained files (e.g. resnet50-0676ba61.pth, inception_v3_google-0cc3c7bd.pth,
 retinanet_resnet50_fpn_coco-eeacb38b.pth) load as they are.
 
 Inception-V3 is built without its auxiliary classifier, so `forward` returns the logits alone in

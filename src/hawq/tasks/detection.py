@@ -224,7 +224,7 @@ def train_detector(
                 nn.utils.clip_grad_norm_(params, 10.0)
                 opt.step()
                 sched.step()
-                total, n = total + float(loss), n + 1
+                total, n = total + loss.item(), n + 1
                 bar.update()
                 bar.set_postfix(loss=f"{total / n:.3f}")
             history.append(total / max(n, 1))

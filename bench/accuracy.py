@@ -1,0 +1,355 @@
+"""Accuracy of HAWQ-V2 against baseline allocators at equal size budgets; writes docs/results.md.
+
+For every seed (which sets the images used for traces, eigenvalues and Fisher, the random plans and the
+fine-tuning order), every budget (the size of uniform b-bit weights) and every allocator of
+`hawq.alloc.baselines`: size, BOPs, total Omega, top-1 before and after identical short quantization-aware
+fine-tuning. Then 50 random plans at one budget: rank correlation of total Omega with the accuracy drop
+before fine-tuning. The page shows mean and standard error over seeds, paired differences to HAWQ-V2,
+and says where HAWQ-V2 does not win.
+
+    .venv/bin/python bench/accuracy.py            # the full design (~60 min on 2 idle cores)
+    .venv/bin/python bench/accuracy.py --quick    # smoke run: seconds of fine-tuning, 1 budget, 1 seed
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+from tqdm.auto import tqdm
+
+from hawq import classification as task
+from hawq.alloc import (
+    ALLOCATORS,
+    best_plan,
+    empirical_fisher,
+    fisher_plan,
+    make_plan,
+    monotone_plan,
+    random_plan,
+    reversed_plan,
+    sensitivity_table,
+    sizing_table,
+    top_eigenvalues,
+    uniform_plan,
+    v1_plan,
+)
+from hawq.config import RunConfig
+from hawq.data.fashion_mnist import TensorDataset, batches
+from hawq.hessian import estimate_traces, weights_hash
+from hawq.io import load_torch, save_torch
+from hawq.pipeline import quantized_copy, uniform_size_bytes
+from hawq.train import TrainConfig, evaluate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = dict(budgets=[4.0, 3.0, 2.5, 2.25], seeds=[0, 1, 2], allocators=list(ALLOCATORS), ft_images=2560,
+            test_images=5000, trace_images=2048, eig_images=256, eig_iters=10, random_plans=50,
+            random_budget=2.5, a_bits=4, act_budgets=[3.0, 2.5])
+QUICK = dict(budgets=[2.5], seeds=[0], allocators=["uniform", "hawq"], ft_images=256, test_images=1000,
+             trace_images=256, eig_images=64, eig_iters=3, random_plans=4, random_budget=2.5, a_bits=0,
+             act_budgets=[2.5])
+NAMES = {"uniform": "uniform", "random": "random", "reversed": "reversed", "v1": "HAWQ-V1 (eigenvalue)",
+         "fisher": "empirical Fisher", "monotone": "monotone in trace", "hawq": "HAWQ-V2 (trace)",
+         "diag": "HAWQ-V2 diagonal"}
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny smoke settings (any flag below overrides)")
+    ap.add_argument("--budgets", type=float, nargs="+", help="uniform bit widths whose sizes are the budgets")
+    ap.add_argument("--seeds", type=int, nargs="+")
+    ap.add_argument("--allocators", nargs="+", choices=ALLOCATORS)
+    ap.add_argument("--ft-images", type=int, help="fine-tuning images per model")
+    ap.add_argument("--test-images", type=int, help="first N test images for every evaluation")
+    ap.add_argument("--trace-images", type=int, help="images for exact traces, diagonals and Fisher")
+    ap.add_argument("--eig-images", type=int, help="images for the top eigenvalues (HAWQ-V1)")
+    ap.add_argument("--eig-iters", type=int, help="power iterations at most")
+    ap.add_argument("--random-plans", type=int, help="random plans for the Omega/accuracy correlation")
+    ap.add_argument("--random-budget", type=float)
+    ap.add_argument("--a-bits", type=int, help="activation bits of the second table set (0: none)")
+    ap.add_argument("--act-budgets", type=float, nargs="+", help="budgets of the activation tables")
+    ap.add_argument("--checkpoint", help="fp32 checkpoint (default: the hawq model cache)")
+    ap.add_argument("--work-dir", default=str(Path(os.environ.get("HAWQ_CACHE", Path.home() / ".cache/hawq"))
+                                               / "bench"), help="per-seed trace cache")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    for k, v in (QUICK if args.quick else FULL).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def measures(model, data: TensorDataset, seed: int, free: list[str], a, progress: bool) -> dict:
+    """Traces + diagonals, top eigenvalues and empirical Fisher of one seed's images (cached on disk)."""
+    ident = [weights_hash(model), seed, a.trace_images, a.eig_images, a.eig_iters, free, 1]
+    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+    path = Path(a.work_dir) / f"measures-seed{seed}-{key}.pt"
+    if path.exists():
+        return {**load_torch(path), "cached": str(path)}
+    stream = lambda: batches(data, 128, shuffle=True, seed=1000 + seed)  # noqa: E731
+    t0 = time.perf_counter()
+    tr = estimate_traces(model, stream(), method="exact", rel_tol=1e-9, max_images=a.trace_images,
+                         diagonal=True, seed=seed, progress=progress)
+    t1 = time.perf_counter()
+    eig = top_eigenvalues(model, stream(), free, iters=a.eig_iters, max_images=a.eig_images, seed=seed,
+                          progress=progress)
+    t2 = time.perf_counter()
+    fisher = empirical_fisher(model, stream(), free, max_images=a.trace_images, progress=progress)
+    out = {"traces": tr.means(), "diagonals": tr.diagonals, "n_images": tr.n_images, "eig": eig,
+           "fisher": fisher, "wall_s": {"traces": t1 - t0, "eig": t2 - t1, "fisher": time.perf_counter() - t2}}
+    save_torch(path, out)
+    return {**out, "cached": None}
+
+
+def allocate(name: str, tables: dict, budget: float, m: dict, seed: int):
+    t = tables["trace"]
+    if name == "diag":
+        return make_plan(t, best_plan(tables["diag"], budget).w_bits)
+    fns = {"uniform": lambda: uniform_plan(t, budget), "random": lambda: random_plan(t, budget, seed=seed),
+           "reversed": lambda: reversed_plan(t, budget), "v1": lambda: v1_plan(t, budget, m["eig"]),
+           "fisher": lambda: fisher_plan(t, budget, m["fisher"]), "monotone": lambda: monotone_plan(t, budget),
+           "hawq": lambda: best_plan(t, budget)}
+    return fns[name]()
+
+
+class Evaluator:
+    """Top-1 before and after fine-tuning; identical (plan, seed) pairs are measured once."""
+
+    def __init__(self, fp32, data, test: TensorDataset, a) -> None:
+        self.fp32, self.data, self.test, self.a = fp32, data, test, a
+        self.before: dict = {}
+        self.after: dict = {}
+        self.ft_s: list[float] = []
+        self.eval_s: list[float] = []
+
+    def __call__(self, plan, seed: int, finetune: bool = True) -> tuple[float, float | None]:
+        key = json.dumps([plan.w_bits, plan.a_bits], sort_keys=True)
+        if key not in self.before:
+            model = quantized_copy(self.fp32, plan, self.data)
+            t0 = time.perf_counter()
+            self.before[key] = evaluate(model, self.test)
+            self.eval_s.append(time.perf_counter() - t0)
+        if not finetune:
+            return self.before[key], None
+        if (key, seed) not in self.after:
+            model = quantized_copy(self.fp32, plan, self.data)
+            cfg = TrainConfig(n_images=self.a.ft_images, batch_size=128, lr=0.005, weight_decay=1e-4, seed=seed)
+            t0 = time.perf_counter()
+            train(model, self.data.train, cfg, progress=False)
+            self.ft_s.append(time.perf_counter() - t0)
+            self.after[(key, seed)] = evaluate(model, self.test)
+        return self.before[key], self.after[(key, seed)]
+
+
+def with_acts(table, plan, a_bits: int):
+    return make_plan(table, plan.w_bits, {r.fqn: r.bits[0] if r.fixed else a_bits for r in table.layers})
+
+
+def mean_se(xs) -> tuple[float, float]:
+    xs = np.asarray(xs, float)
+    return float(xs.mean()), float(xs.std(ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else float("nan")
+
+
+def pm(xs, digits: int = 2) -> str:
+    m, s = mean_se(xs)
+    return f"{m:.{digits}f}" if np.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def section(rows: list[dict], a_bits: int | None, allocs: list[str]) -> tuple[list[str], list[str]]:
+    """Tables per budget and the plain statements of where HAWQ-V2 does not win."""
+    lines, losses = [], []
+    for budget in sorted({r["budget_bits"] for r in rows if r["a_bits"] == a_bits}, reverse=True):
+        sub = [r for r in rows if r["a_bits"] == a_bits and r["budget_bits"] == budget]
+        ref = {r["seed"]: r for r in sub if r["allocator"] == "hawq"}
+        lines += [f"### Budget: size of uniform {budget:g}-bit weights ({sub[0]['budget_bytes'] / 1024:.1f} KiB)", "",
+                  "| allocator | size KiB | GBOPs | total Omega | top-1 before FT | top-1 after FT "
+                  "| Δ before vs HAWQ-V2 | Δ after vs HAWQ-V2 |", "|---|---|---|---|---|---|---|---|"]
+        for name in allocs:
+            rs = sorted((r for r in sub if r["allocator"] == name), key=lambda r: r["seed"])
+            if not rs:
+                continue
+            cells = [NAMES[name], pm([r["size_bytes"] / 1024 for r in rs], 1),
+                     pm([r["bops"] / 1e9 for r in rs], 2), pm([r["omega"] for r in rs], 4),
+                     pm([r["before"] for r in rs]), pm([r["after"] for r in rs])]
+            for phase in ("before", "after"):
+                if name == "hawq" or not ref:
+                    cells.append("—")
+                    continue
+                d = [r[phase] - ref[r["seed"]][phase] for r in rs if r["seed"] in ref]
+                cells.append(pm(d))
+                m, s = mean_se(d)
+                where = f"uniform-{budget:g}-bit budget{'' if a_bits is None else f', {a_bits}-bit activations'}"
+                if m >= 0:
+                    losses.append(f"{where}, {phase} fine-tuning: {NAMES[name]} is {m:+.2f}"
+                                  f"{'' if np.isnan(s) else f' ± {s:.2f}'} points against HAWQ-V2")
+                elif not np.isnan(s) and m + 2 * s >= 0:
+                    losses.append(f"{where}, {phase} fine-tuning: HAWQ-V2 leads {NAMES[name]} by {-m:.2f} ± {s:.2f} "
+                                  "points, within two standard errors (not a clear win)")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines, losses
+
+
+def figure(rows: list[dict], a_bits: int | None, path: Path, allocs: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
+    for ax, phase in zip(axes, ("before", "after")):
+        for name in allocs:
+            pts = []
+            for budget in sorted({r["budget_bits"] for r in rows}):
+                rs = [r for r in rows
+                      if r["allocator"] == name and r["budget_bits"] == budget and r["a_bits"] == a_bits]
+                if rs:
+                    pts.append((np.mean([r["size_bytes"] / 1024 for r in rs]), *mean_se([r[phase] for r in rs])))
+            if pts:
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=3, label=NAMES[name])
+        ax.set_xlabel("model size (KiB)")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"{phase} fine-tuning" + ("" if a_bits is None else f", {a_bits}-bit activations"))
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    a = parse()
+    torch.set_num_threads(a.threads)
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+    progress = not a.quiet
+    cfg = RunConfig() if a.checkpoint is None else RunConfig(checkpoint=a.checkpoint)
+    data = task.load_data(cfg)
+    test = data.test.subset(a.test_images)
+    fp32, record = task.full_precision_model(cfg, data, progress=progress)
+    fp32_top1 = evaluate(fp32, test)
+    x1 = data.train.images[:1]
+    ev, rows, meas = Evaluator(fp32, data, test, a), [], {}
+    free = [r.fqn for r in sizing_table(fp32).layers if not r.fixed]
+    for seed in a.seeds:
+        m = meas[seed] = measures(fp32, data.train, seed, free, a, progress)
+        tables = {"trace": sensitivity_table(fp32, m["traces"], example_input=x1, progress=False),
+                  "diag": sensitivity_table(fp32, m["traces"], diagonals=m["diagonals"], example_input=x1,
+                                            progress=False)}
+        sets = [(None, a.budgets)] + ([(a.a_bits, a.act_budgets)] if a.a_bits else [])
+        jobs = [(ab, b, n) for ab, bs in sets for b in bs for n in a.allocators]
+        for ab, bits, name in tqdm(jobs, desc=f"seed {seed}", disable=not progress):
+            budget = uniform_size_bytes(tables["trace"], bits)
+            plan = allocate(name, tables, budget, m, seed)
+            if ab:
+                plan = with_acts(tables["trace"], plan, ab)
+            before, after = ev(plan, seed)
+            rows.append({"seed": seed, "budget_bits": bits, "budget_bytes": budget, "allocator": name,
+                         "a_bits": ab, "size_bytes": plan.size_bytes, "bops": plan.bops, "omega": plan.omega,
+                         "omega_diag": make_plan(tables["diag"], plan.w_bits).omega,
+                         "w_bits": plan.w_bits, "before": before, "after": after})
+        if seed == a.seeds[0]:
+            corr_table, diag_table = tables["trace"], tables["diag"]
+    budget = uniform_size_bytes(corr_table, a.random_budget)
+    rand = []
+    for k in tqdm(range(a.random_plans), desc="random plans", disable=not progress):
+        p = random_plan(corr_table, budget, seed=10_000 + k)
+        rand.append({"omega": p.omega, "omega_diag": make_plan(diag_table, p.w_bits).omega,
+                     "size_bytes": p.size_bytes, "drop": fp32_top1 - ev(p, 0, finetune=False)[0]})
+    write_page(a, rows, rand, meas, ev, record, fp32_top1, t_start, load_start)
+
+
+def write_page(a, rows, rand, meas, ev, record, fp32_top1, t_start, load_start) -> None:
+    out = Path(a.out)
+    fig_dir = out.parent / "figures"
+    allocs = [n for n in ALLOCATORS if n in a.allocators]
+    reduced = {k: getattr(a, k) for k in FULL if getattr(a, k) != FULL[k]}
+    L = ["# Results: HAWQ-V2 against baseline allocators", "",
+         f"Generated by `{' '.join(shlex.quote(x) for x in [sys.executable.split('/')[-1], *sys.argv])}` "
+         f"(`bench/accuracy.py`); every number on this page comes from that run.", ""]
+    if reduced:
+        L += ["**This is a REDUCED run**, not the full design; settings that differ from the full defaults: "
+              + ", ".join(f"`{k}={v}` (full: `{FULL[k]}`)" for k, v in reduced.items()) + ". "
+              "Full run: `.venv/bin/python bench/accuracy.py` (no flags).", ""]
+    L += ["## Task and settings", "",
+          f"- ResNet-20 on Fashion-MNIST; full-precision model from {record['source']}; "
+          f"top-1 {fp32_top1:.2f}% on the test images used here.",
+          f"- Evaluation: the first {a.test_images} test images (the same for every model). One test-set "
+          f"binomial standard error at 90% is {100 * np.sqrt(0.09 / a.test_images):.2f} points; paired "
+          "differences on the same images vary less.",
+          "- Weights only quantized (per-channel symmetric), first and last layer fixed at 8 bits, candidate "
+          "widths {2, 3, 4, 8}. Budget = size of uniform b-bit weights (fractional b: n·b bits per free layer).",
+          f"- Seeds {a.seeds}: a seed sets the images of traces/eigenvalues/Fisher, the random plan and the "
+          "fine-tuning order.",
+          f"- Traces: exact (per-image Gauss-Newton = Hessian for this ReLU net) on {a.trace_images} training "
+          f"images, with the diagonal; HAWQ-V1 eigenvalues: power iteration, at most {a.eig_iters} "
+          f"Hessian-vector products per layer on {a.eig_images} images; empirical Fisher on {a.trace_images}.",
+          f"- Fine-tuning (identical for all): {a.ft_images} images, SGD Nesterov momentum 0.9, lr 0.005 cosine, "
+          "batch 128, weight decay 1e-4, straight-through estimator.",
+          "- Total Omega is HAWQ-V2's (trace) Omega of each plan, whichever allocator chose it.",
+          "- Allocators: uniform = the largest single width that fits (at 2.5 and 2.25 bits that is 2 bits, "
+          "so it spends less than the budget); random = log-uniform random per-layer scores through the same "
+          "exact knapsack; reversed = 1/trace as the score; HAWQ-V1 = top eigenvalue × ||Q(W)−W||²; empirical "
+          "Fisher = mean squared per-image gradient (true labels) × ||Q(W)−W||²; monotone = widths "
+          "non-increasing in descending trace order, least Omega among those plans; HAWQ-V2 = trace × "
+          "||Q(W)−W||² (exact knapsack); diagonal = ½ Σ H_jj (Q(W)_j − W_j)².",
+          "- Mean ± standard error over seeds; Δ = allocator − HAWQ-V2 per seed (paired), mean ± standard error.",
+          ""]
+    sections = [(None, "Weights only")] + ([(a.a_bits, f"Weights and {a.a_bits}-bit activations")] if a.a_bits else [])
+    all_losses = []
+    for ab, title in sections:
+        lines, losses = section(rows, ab, allocs)
+        all_losses += losses
+        name = "results_accuracy_vs_size" + ("" if ab is None else f"_a{ab}") + ".png"
+        figure(rows, ab, fig_dir / name, allocs)
+        L += [f"## {title}", "", f"![accuracy versus size](figures/{name})", "", *lines]
+    L += ["## Where HAWQ-V2 does not win", ""]
+    L += [f"- {s}" for s in all_losses] or ["- Nowhere in this run: HAWQ-V2's mean was higher than every "
+                                            "baseline's by more than two standard errors."]
+    if rand:
+        om, dg, dr = (np.array([r[k] for r in rand]) for k in ("omega", "omega_diag", "drop"))
+        rho, p = stats.spearmanr(om, dr)
+        rho_d, p_d = stats.spearmanr(dg, dr)
+        L += ["", f"## Does Omega predict damage? ({len(rand)} random plans, budget of uniform {a.random_budget:g}-bit"
+              f" weights, seed {a.seeds[0]}'s traces)", "",
+              f"Spearman rank correlation between total Omega and the top-1 drop before fine-tuning: "
+              f"**{rho:.3f}** (p = {p:.2g}); with the diagonal Omega: **{rho_d:.3f}** (p = {p_d:.2g}). "
+              f"Drops ranged {dr.min():.2f} to {dr.max():.2f} points (median {np.median(dr):.2f}); sizes "
+              f"{min(r['size_bytes'] for r in rand) / 1024:.1f}-{max(r['size_bytes'] for r in rand) / 1024:.1f} KiB; "
+              f"{len({round(x, 12) for x in om})} distinct plans."]
+    wall = time.perf_counter() - t_start
+    mw = {s: m["wall_s"] for s, m in meas.items()}
+    L += ["", "## Machine and cost", "",
+          f"- {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} logical "
+          f"cores, torch {torch.__version__} with {torch.get_num_threads()} threads; load average at start "
+          f"{load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f} (other jobs shared the machine if > threads).",
+          f"- Total wall time {wall / 60:.1f} min. Per seed (traces, eigenvalues, Fisher, s): "
+          + "; ".join(f"seed {s}: {w['traces']:.0f}, {w['eig']:.0f}, {w['fisher']:.0f}"
+                      + (" (from cache)" if meas[s]["cached"] else "") for s, w in mw.items()) + ".",
+          f"- Fine-tuning runs: {len(ev.ft_s)}, median {np.median(ev.ft_s) if ev.ft_s else 0:.1f} s; "
+          f"evaluations: {len(ev.eval_s)} before fine-tuning (+{len(ev.ft_s)} after), median "
+          f"{np.median(ev.eval_s) if ev.eval_s else 0:.1f} s.", "",
+          "## Raw per-seed results", "", "<details><summary>JSON lines</summary>", "", "```"]
+    L += [json.dumps({k: v for k, v in r.items() if k != "w_bits"} | {"w_bits": list(r["w_bits"].values())})
+          for r in rows]
+    L += ["```", "", "</details>", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(L))
+    print(f"wrote {out} in {wall / 60:.1f} min", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
