@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 from hawq import distributed as hd
 from hawq.hessian.result import LayerTrace, TraceResult
@@ -59,8 +60,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         params = _sgd_step(hd.wrap_ddp(_model()), x[idx], y[idx])
         every = hd.all_gather_object(params)
         same = all(torch.equal(every[0], p) for p in every)
+        loader = DataLoader(TensorDataset(torch.arange(10)), batch_size=2)
+        items = [int(v) for (b,) in hd.shard_loader(loader, shuffle=False) for v in b]
         payload = {"exact": exact.to_dict(), "hutch": hutch.to_dict(), "params": params.tolist(),
-                   "ranks_agree": same, "n_local": len(idx)}
+                   "ranks_agree": same, "n_local": len(idx), "loader_items": hd.all_gather_object(items)}
         hd.write_if_main(write_json, os.path.join(out_dir, f"rank{rank}.json"), "dist_test", payload)
     finally:
         hd.cleanup()
@@ -81,6 +84,11 @@ def two_process_run(tmp_path_factory):
 
 def test_only_rank_zero_writes(two_process_run):
     assert sorted(p.name for p in two_process_run.iterdir()) == ["rank0.json"]
+
+
+def test_shard_loader_splits_the_data_set_between_ranks(two_process_run):
+    a, b = json.loads((two_process_run / "rank0.json").read_text())["loader_items"]
+    assert len(a) == len(b) == 5 and sorted(a + b) == list(range(10))
 
 
 def test_exact_traces_pool_to_the_single_process_result(two_process_run):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from hawq.config import RunConfig
-from hawq.data.fashion_mnist import TensorDataset, load_split
+from hawq.data.fashion_mnist import TensorDataset, batches, load_split
 from hawq.io import load_torch, save_torch
 from hawq.models import create_model
 from hawq.train import TrainConfig, evaluate, train
@@ -97,3 +97,48 @@ def clone(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["ClassificationData", "build_model", "clone", "evaluate", "full_precision_model", "load_data"]
+
+
+class ClassificationTask:
+    """The default task behind the pipeline's stages: image classification scored by top-1 accuracy."""
+
+    name = "classification"
+    metric = "top1"  # percent
+    metrics = ("top1",)
+
+    def load_data(self, cfg: RunConfig) -> ClassificationData:
+        return load_data(cfg)
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        return build_model(cfg)
+
+    def load_state_into(self, model: nn.Module, path: str | Path) -> None:
+        load_state_into(model, path)
+
+    def full_precision_model(self, cfg: RunConfig, data: ClassificationData, progress: bool) -> tuple[nn.Module, dict]:
+        return full_precision_model(cfg, data, progress)
+
+    def evaluate(self, model: nn.Module, data: ClassificationData, progress: bool) -> dict[str, float]:
+        return {"top1": evaluate(model, data.test, progress=progress)}
+
+    def example_input(self, data: ClassificationData) -> torch.Tensor:
+        return data.train.images[:1]
+
+    def trace_batches(self, cfg: RunConfig, data: ClassificationData):
+        return batches(data.train, cfg.trace_batch_size, shuffle=True, seed=cfg.seed + 1)
+
+    def trace_loss(self, model: nn.Module) -> str:
+        return "cross_entropy"
+
+    def fixed_layers(self, model: nn.Module, bits: int = 8) -> dict[str, int] | None:
+        return None  # the allocator's default: first and last quantizable layer
+
+    def calibration_batches(self, data: ClassificationData):
+        return batches(data.train, 256)
+
+    def finetune(self, model: nn.Module, data: ClassificationData, cfg: RunConfig, n_images: int,
+                 teacher: nn.Module | None, progress: bool, desc: str) -> dict:
+        tcfg = TrainConfig(n_images=n_images, batch_size=cfg.ft_batch_size, lr=cfg.ft_lr, weight_decay=1e-4,
+                           seed=cfg.seed, distill_temperature=4.0 if teacher is not None else None)
+        train(model, data.train, tcfg, teacher=teacher, progress=progress, desc=desc)
+        return tcfg.to_dict()

@@ -6,15 +6,15 @@ Each stage reads the artifacts of the stages before it from the folder, so it ca
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
 from torch import nn
 
-from hawq import classification as task
 from hawq.alloc import (
     MB,
     Plan,
@@ -29,13 +29,21 @@ from hawq.alloc import (
     size_report,
     sizing_table,
 )
+from hawq.classification import ClassificationTask
 from hawq.config import RunConfig
-from hawq.data.fashion_mnist import batches
 from hawq.hessian import estimate_traces, weights_hash
 from hawq.io import read_json, save_torch, write_json
 from hawq.quant import calibrate_, quantize_
 from hawq.runfolder import RunFolder
-from hawq.train import TrainConfig, evaluate, train
+
+
+def get_task(cfg: RunConfig):
+    """The task object behind the stages (data, model, training, scoring, the loss of the traces)."""
+    if cfg.task == "detection":
+        from hawq.detection import DetectionTask
+
+        return DetectionTask()
+    return ClassificationTask()
 
 
 @dataclass
@@ -43,6 +51,10 @@ class Context:
     cfg: RunConfig
     run: RunFolder
     progress: bool = True
+
+    @property
+    def task(self):
+        return get_task(self.cfg)
 
     def log(self, msg: str) -> None:
         if self.progress:
@@ -68,10 +80,12 @@ def uniform_size_bytes(table: SensitivityTable, bits: float) -> float:
 
 
 def _fixed(cfg: RunConfig, model: nn.Module) -> dict[str, int]:
-    return default_fixed(model) if cfg.keep_first_last else {}
+    if not cfg.keep_first_last:
+        return {}
+    return get_task(cfg).fixed_layers(model) or default_fixed(model)
 
 
-def check_budget(cfg: RunConfig, model: nn.Module, example: torch.Tensor) -> None:
+def check_budget(cfg: RunConfig, model: nn.Module) -> None:
     """Fail before anything is written when no plan can meet the budget."""
     table = sizing_table(model, bits=cfg.w_bits, fixed=_fixed(cfg, model))
     budget = budget_bytes(cfg, table)
@@ -83,20 +97,21 @@ def check_budget(cfg: RunConfig, model: nn.Module, example: torch.Tensor) -> Non
         )
 
 
-def prepare(cfg: RunConfig, out: str | Path, progress: bool = True) -> tuple[Context, task.ClassificationData]:
+def prepare(cfg: RunConfig, out: str | Path, progress: bool = True) -> tuple[Context, Any]:
     """Validate everything that can be validated, then write config.json."""
     run = RunFolder(out)
     run.check_config(cfg)
+    task = get_task(cfg)
     data = task.load_data(cfg)
     model = task.build_model(cfg)
-    check_budget(cfg, model, data.train.images[:1])
+    check_budget(cfg, model)
     if cfg.checkpoint is not None:
         task.load_state_into(model, cfg.checkpoint)
     run.write_config(cfg)
     return Context(cfg, run, progress), data
 
 
-def open_run(out: str | Path, progress: bool = True, **overrides) -> tuple[Context, task.ClassificationData]:
+def open_run(out: str | Path, progress: bool = True, **overrides) -> tuple[Context, Any]:
     run = RunFolder(out)
     cfg = run.read_config()
     if overrides:
@@ -104,35 +119,38 @@ def open_run(out: str | Path, progress: bool = True, **overrides) -> tuple[Conte
         if new.fingerprint() != cfg.fingerprint():
             raise ValueError("these options change the run's identity: start a new run with `hawq run --out NEW`")
         cfg = new
+    task = get_task(cfg)
     data = task.load_data(cfg)
-    check_budget(cfg, task.build_model(cfg), data.train.images[:1])
+    check_budget(cfg, task.build_model(cfg))
     run.write_config(cfg)
     return Context(cfg, run, progress), data
 
 
 # --------------------------------------------------------------------------------------------- stages
-def stage_fp32(ctx: Context, data: task.ClassificationData) -> nn.Module:
+def _fmt(scores: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+
+
+def stage_fp32(ctx: Context, data: Any) -> nn.Module:
     t0 = time.perf_counter()
+    task = ctx.task
     model, record = task.full_precision_model(ctx.cfg, data, progress=ctx.progress)
-    save_torch(ctx.run.path("fp32.pt"), {"state_dict": model.state_dict(), "model": ctx.cfg.model, **record})
-    top1 = evaluate(model, data.test, progress=ctx.progress)
-    ctx.log(f"full precision: top-1 {top1:.2f}% ({record['source']})")
-    ctx.run.update_results(stage="fp32", wall_s=time.perf_counter() - t0,
-                           models={"fp32": {"top1": top1, "source": record["source"]}})
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    save_torch(ctx.run.path("fp32.pt"), {"state_dict": state, "model": ctx.cfg.model, **record})
+    scores = task.evaluate(model, data, progress=ctx.progress)
+    ctx.log(f"full precision: {_fmt(scores)} ({record['source']})")
+    ctx.run.update_results(stage="fp32", wall_s=time.perf_counter() - t0, metric=task.metric,
+                           models={"fp32": {**scores, "source": record["source"]}})
     return model
 
 
 def load_fp32(ctx: Context) -> nn.Module:
-    model = task.build_model(ctx.cfg)
+    model = ctx.task.build_model(ctx.cfg)
     path = ctx.run.path("fp32.pt")
     if not path.exists():
         raise ValueError(f"{path} is missing: run `hawq run --out {ctx.run.root}` (or the fp32 stage) first")
-    task.load_state_into(model, path)
+    ctx.task.load_state_into(model, path)
     return model.to(ctx.cfg.device).eval()
-
-
-def trace_batches(cfg: RunConfig, data: task.ClassificationData):
-    return batches(data.train, cfg.trace_batch_size, shuffle=True, seed=cfg.seed + 1)
 
 
 def trace_settings(cfg: RunConfig) -> dict:
@@ -146,7 +164,7 @@ def trace_max_images(cfg: RunConfig) -> int:
     return min(cfg.trace_max_images, 256) if cfg.quick else cfg.trace_max_images
 
 
-def stage_trace(ctx: Context, data: task.ClassificationData, model: nn.Module | None = None) -> dict:
+def stage_trace(ctx: Context, data: Any, model: nn.Module | None = None) -> dict:
     t0 = time.perf_counter()
     model = model if model is not None else load_fp32(ctx)
     cfg = ctx.cfg
@@ -159,7 +177,8 @@ def stage_trace(ctx: Context, data: task.ClassificationData, model: nn.Module | 
             ctx.log("traces: reusing traces.json (same weights, data and settings)")
             return old
     partial = ctx.run.path("traces.partial.pt")  # running sums: an interrupted estimation resumes here
-    result = estimate_traces(model, trace_batches(cfg, data), method=cfg.trace_method, rel_tol=cfg.trace_rel_tol,
+    result = estimate_traces(model, ctx.task.trace_batches(cfg, data), method=cfg.trace_method,
+                             loss=ctx.task.trace_loss(model), rel_tol=cfg.trace_rel_tol,
                              max_images=trace_max_images(cfg), seed=cfg.seed, progress=ctx.progress,
                              diagonal=settings["diagonal"], state_path=partial)
     payload = result.to_dict()
@@ -178,7 +197,7 @@ def stage_trace(ctx: Context, data: task.ClassificationData, model: nn.Module | 
     return payload
 
 
-def stage_allocate(ctx: Context, data: task.ClassificationData, model: nn.Module | None = None) -> Plan:
+def stage_allocate(ctx: Context, data: Any, model: nn.Module | None = None) -> Plan:
     t0 = time.perf_counter()
     cfg = ctx.cfg
     model = model if model is not None else load_fp32(ctx)
@@ -190,7 +209,7 @@ def stage_allocate(ctx: Context, data: task.ClassificationData, model: nn.Module
 
         diagonals = load_torch(ctx.run.path("diagonals.pt"))
     table = sensitivity_table(model, means, bits=cfg.w_bits, fixed=_fixed(cfg, model), diagonals=diagonals,
-                              example_input=data.train.images[:1].to(cfg.device))
+                              example_input=ctx.task.example_input(data).to(cfg.device))
     table_dict = table.to_dict()
     table_dict["measure"] = table_dict.pop("kind", "trace")
     write_json(ctx.run.path("sensitivity.json"), "sensitivity", table_dict)
@@ -219,55 +238,56 @@ def plans_to_compare(ctx: Context) -> dict[str, Plan]:
     return plans
 
 
-def quantized_copy(fp32: nn.Module, plan: Plan, data: task.ClassificationData) -> nn.Module:
-    model = task.clone(fp32)
+def quantized_copy(task: Any, fp32: nn.Module, plan: Plan, data: Any) -> nn.Module:
+    model = copy.deepcopy(fp32)
     quantize_(model, plan)
     if any(b is not None for b in plan.a_bits.values()):
-        calibrate_(model, batches(data.train, 256), n_batches=8)
+        calibrate_(model, task.calibration_batches(data), n_batches=8)
     return model
 
 
-def stage_finetune(ctx: Context, data: task.ClassificationData, model: nn.Module | None = None) -> dict:
+def stage_finetune(ctx: Context, data: Any, model: nn.Module | None = None) -> dict:
     t0 = time.perf_counter()
-    cfg = ctx.cfg
+    cfg, task = ctx.cfg, ctx.task
     fp32 = model if model is not None else load_fp32(ctx)
     ft_images = min(cfg.ft_images, 512) if cfg.quick else cfg.ft_images
-    tcfg = TrainConfig(n_images=max(ft_images, 1), batch_size=cfg.ft_batch_size, lr=cfg.ft_lr, weight_decay=1e-4,
-                       seed=cfg.seed, distill_temperature=4.0 if cfg.distill else None)
     out = {}
     for name, plan in plans_to_compare(ctx).items():
-        ckpt = ctx.run.path(f"qat/{name}.pt")
-        qmodel = quantized_copy(fp32, plan, data)
-        before = evaluate(qmodel, data.test, progress=ctx.progress)
+        qmodel = quantized_copy(task, fp32, plan, data)
+        before = task.evaluate(qmodel, data, progress=ctx.progress)
+        ft = {}
         if ft_images > 0:
-            train(qmodel, data.train, tcfg, teacher=fp32 if cfg.distill else None, progress=ctx.progress,
-                  desc=f"finetune {name}")
-        after = evaluate(qmodel, data.test, progress=ctx.progress) if ft_images > 0 else before
-        save_torch(ckpt, {"state_dict": qmodel.state_dict(), "plan": plan.to_dict(), "finetune": tcfg.to_dict()})
-        out[name] = {"top1_before_ft": before, "top1": after, "size_bytes": plan.size_bytes,
-                     "size_mb": plan.size_bytes / MB, "omega": plan.omega, "bops": plan.bops,
-                     "ft_images": ft_images}
-        ctx.log(f"{name}: top-1 {before:.2f}% before fine-tuning, {after:.2f}% after ({plan.size_bytes / MB:.4f} MB)")
-    ctx.run.update_results(stage="finetune", wall_s=time.perf_counter() - t0, models=out)
+            ft = task.finetune(qmodel, data, cfg, ft_images, teacher=fp32 if cfg.distill else None,
+                               progress=ctx.progress, desc=f"finetune {name}")
+        after = task.evaluate(qmodel, data, progress=ctx.progress) if ft_images > 0 else before
+        state = {k: v.cpu() for k, v in qmodel.state_dict().items()}
+        save_torch(ctx.run.path(f"qat/{name}.pt"), {"state_dict": state, "plan": plan.to_dict(), "finetune": ft})
+        out[name] = {**after, **{f"{k}_before_ft": v for k, v in before.items()}, "size_bytes": plan.size_bytes,
+                     "size_mb": plan.size_bytes / MB, "omega": plan.omega, "bops": plan.bops, "ft_images": ft_images}
+        ctx.log(f"{name}: {_fmt(before)} before fine-tuning, {_fmt(after)} after ({plan.size_bytes / MB:.4f} MB)")
+    ctx.run.update_results(stage="finetune", wall_s=time.perf_counter() - t0, metric=task.metric, models=out)
     return out
 
 
-def stage_evaluate(ctx: Context, data: task.ClassificationData) -> dict:
+def load_finetuned(ctx: Context, fp32: nn.Module, name: str, plan: Plan) -> nn.Module:
+    ckpt = ctx.run.path(f"qat/{name}.pt")
+    if not ckpt.exists():
+        raise ValueError(f"{ckpt} is missing: run `hawq finetune --out {ctx.run.root}` first")
+    qmodel = copy.deepcopy(fp32).cpu()
+    quantize_(qmodel, plan)
+    ctx.task.load_state_into(qmodel, ckpt)
+    return qmodel.to(ctx.cfg.device).eval()
+
+
+def stage_evaluate(ctx: Context, data: Any) -> dict:
     """Evaluate the fine-tuned checkpoints in qat/ again (e.g. on another --data-dir)."""
     t0 = time.perf_counter()
-    cfg = ctx.cfg
+    task = ctx.task
     fp32 = load_fp32(ctx)
-    out = {"fp32": {"top1": evaluate(fp32, data.test, progress=ctx.progress)}}
+    out = {"fp32": task.evaluate(fp32, data, progress=ctx.progress)}
     for name, plan in plans_to_compare(ctx).items():
-        ckpt = ctx.run.path(f"qat/{name}.pt")
-        if not ckpt.exists():
-            raise ValueError(f"{ckpt} is missing: run `hawq finetune --out {ctx.run.root}` first")
-        qmodel = task.clone(fp32).cpu()
-        quantize_(qmodel, plan)
-        task.load_state_into(qmodel, ckpt)
-        qmodel.to(cfg.device)
-        out[name] = {"top1": evaluate(qmodel, data.test, progress=ctx.progress)}
-        ctx.log(f"{name}: top-1 {out[name]['top1']:.2f}%")
+        out[name] = task.evaluate(load_finetuned(ctx, fp32, name, plan), data, progress=ctx.progress)
+        ctx.log(f"{name}: {_fmt(out[name])}")
     ctx.run.update_results(stage="evaluate", wall_s=time.perf_counter() - t0, models=out)
     return out
 

@@ -102,23 +102,32 @@ def _fig_plan(plan: dict, traces: dict | None, path: Path) -> None:
     plt.close(fig)
 
 
+METRIC_LABELS = {"top1": "top-1 (%)", "map50": "mAP@0.5", "map": "mAP@[.5:.95]"}
+
+
 def _results_table(results: dict, plan: dict | None) -> list[str]:
     models = results.get("models", {})
     if not models:
         return ["(no results yet)"]
+    metric = results.get("metric", "top1")
+    extra = [k for k in ("map",) if k != metric and any(k in m for m in models.values())]
+    label = METRIC_LABELS.get(metric, metric)
+    head = f"| model | size (MB) | Ω | {label} before fine-tuning | {label} after fine-tuning |"
+    head += "".join(f" {METRIC_LABELS.get(k, k)} after |" for k in extra)
+    lines = [head, "|---|---|---|---|---|" + "---|" * len(extra)]
     fp = models.get("fp32", {})
-    lines = ["| model | size (MB) | Ω | top-1 before fine-tuning | top-1 after fine-tuning |", "|---|---|---|---|---|"]
-    if fp:
+    if metric in fp:
         fp_size = plan["size"]["fp32_bytes"] / MB if plan and "size" in plan else float("nan")
-        lines.append(f"| full precision | {fp_size:.4f} | 0 | {fp['top1']:.2f} | - |")
+        lines.append(f"| full precision | {fp_size:.4f} | 0 | {fp[metric]:.2f} | - |"
+                     + "".join(f" {fp.get(k, float('nan')):.3f} |" for k in extra))
     order = sorted((k for k in models if k.startswith("uniform")), key=lambda k: -int(k[7:])) + ["hawq"]
     for name in order:
         m = models.get(name)
-        if not m or "top1_before_ft" not in m:
+        if not m or f"{metric}_before_ft" not in m:
             continue
-        label = "HAWQ-V2 plan" if name == "hawq" else f"uniform {name[7:]}-bit"
-        lines.append(f"| {label} | {m['size_mb']:.4f} | {m['omega']:.4g} | {m['top1_before_ft']:.2f} | "
-                     f"{m['top1']:.2f} |")
+        title = "HAWQ-V2 plan" if name == "hawq" else f"uniform {name[7:]}-bit"
+        lines.append(f"| {title} | {m['size_mb']:.4f} | {m['omega']:.4g} | {m[f'{metric}_before_ft']:.2f} | "
+                     f"{m[metric]:.2f} |" + "".join(f" {m.get(k, float('nan')):.3f} |" for k in extra))
     return lines
 
 
@@ -139,7 +148,7 @@ def write_report(root: str | Path) -> Path:
     quick = " Quick smoke run (--quick): the numbers mean nothing." if cfg.get("quick") else ""
     md += [f"Seed {cfg.get('seed')}, hawq {cfg.get('hawq_version')}, torch {cfg.get('torch_version')}, "
            f"device {cfg.get('device')} ({cfg.get('machine')}).{quick}", ""]
-    md += ["## Accuracy", ""] + _results_table(results, plan) + [""]
+    md += ["## Results", ""] + _results_table(results, plan) + [""]
     if results.get("models", {}).get("hawq"):
         ft = results["models"]["hawq"].get("ft_images")
         md += [f"Every quantized model was fine-tuned identically ({ft} images, lr {cfg.get('ft_lr')}, cosine); "

