@@ -53,10 +53,10 @@ from hawq.train import TrainConfig, evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = dict(budgets=[4.0, 3.0, 2.5, 2.25], seeds=[0, 1, 2], allocators=list(ALLOCATORS), ft_images=2560,
-            test_images=5000, trace_images=2048, eig_images=256, eig_iters=10, random_plans=50,
+            test_images=5000, trace_images=2048, diag_images=1024, eig_images=256, eig_iters=20, random_plans=50,
             random_budget=2.5, a_bits=4, act_budgets=[3.0, 2.5])
 QUICK = dict(budgets=[2.5], seeds=[0], allocators=["uniform", "hawq"], ft_images=256, test_images=1000,
-             trace_images=256, eig_images=64, eig_iters=3, random_plans=4, random_budget=2.5, a_bits=0,
+             trace_images=128, diag_images=64, eig_images=64, eig_iters=3, random_plans=4, random_budget=2.5, a_bits=0,
              act_budgets=[2.5])
 NAMES = {"uniform": "uniform", "random": "random", "reversed": "reversed", "v1": "HAWQ-V1 (eigenvalue)",
          "fisher": "empirical Fisher", "monotone": "monotone in trace", "hawq": "HAWQ-V2 (trace)",
@@ -72,6 +72,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--ft-images", type=int, help="fine-tuning images per model")
     ap.add_argument("--test-images", type=int, help="first N test images for every evaluation")
     ap.add_argument("--trace-images", type=int, help="images for exact traces, diagonals and Fisher")
+    ap.add_argument("--diag-images", type=int, help="images for the Hessian diagonal (HAWQ-V2 diagonal)")
     ap.add_argument("--eig-images", type=int, help="images for the top eigenvalues (HAWQ-V1)")
     ap.add_argument("--eig-iters", type=int, help="power iterations at most")
     ap.add_argument("--random-plans", type=int, help="random plans for the Omega/accuracy correlation")
@@ -93,7 +94,7 @@ def parse() -> argparse.Namespace:
 
 def measures(model, data: TensorDataset, seed: int, free: list[str], a, progress: bool) -> dict:
     """Traces + diagonals, top eigenvalues and empirical Fisher of one seed's images (cached on disk)."""
-    ident = [weights_hash(model), seed, a.trace_images, a.eig_images, a.eig_iters, free, 1]
+    ident = [weights_hash(model), seed, a.trace_images, a.diag_images, a.eig_images, a.eig_iters, free, 2]
     key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
     path = Path(a.work_dir) / f"measures-seed{seed}-{key}.pt"
     if path.exists():
@@ -101,14 +102,19 @@ def measures(model, data: TensorDataset, seed: int, free: list[str], a, progress
     stream = lambda: batches(data, 128, shuffle=True, seed=1000 + seed)  # noqa: E731
     t0 = time.perf_counter()
     tr = estimate_traces(model, stream(), method="exact", rel_tol=1e-9, max_images=a.trace_images,
-                         diagonal=True, seed=seed, progress=progress)
+                         seed=seed, progress=progress)
     t1 = time.perf_counter()
+    dg = estimate_traces(model, stream(), method="exact", rel_tol=1e-9, max_images=a.diag_images,
+                         diagonal=True, seed=seed, progress=progress)
+    t2 = time.perf_counter()
     eig = top_eigenvalues(model, stream(), free, iters=a.eig_iters, max_images=a.eig_images, seed=seed,
                           progress=progress)
+    t3 = time.perf_counter()
     t2 = time.perf_counter()
     fisher = empirical_fisher(model, stream(), free, max_images=a.trace_images, progress=progress)
-    out = {"traces": tr.means(), "diagonals": tr.diagonals, "n_images": tr.n_images, "eig": eig,
-           "fisher": fisher, "wall_s": {"traces": t1 - t0, "eig": t2 - t1, "fisher": time.perf_counter() - t2}}
+    out = {"traces": tr.means(), "diagonals": dg.diagonals, "n_images": tr.n_images, "eig": eig,
+           "fisher": fisher, "wall_s": {"traces": t1 - t0, "diag": t2 - t1, "eig": t3 - t2,
+                                        "fisher": time.perf_counter() - t3}}
     save_torch(path, out)
     return {**out, "cached": None}
 
@@ -135,7 +141,7 @@ class Evaluator:
         self.eval_s: list[float] = []
 
     def __call__(self, plan, seed: int, finetune: bool = True) -> tuple[float, float | None]:
-        key = json.dumps([plan.w_bits, plan.a_bits], sort_keys=True)
+        key, model = json.dumps([plan.w_bits, plan.a_bits], sort_keys=True), None
         if key not in self.before:
             model = quantized_copy(self.fp32, plan, self.data)
             t0 = time.perf_counter()
@@ -144,7 +150,7 @@ class Evaluator:
         if not finetune:
             return self.before[key], None
         if (key, seed) not in self.after:
-            model = quantized_copy(self.fp32, plan, self.data)
+            model = model if model is not None else quantized_copy(self.fp32, plan, self.data)
             cfg = TrainConfig(n_images=self.a.ft_images, batch_size=128, lr=0.005, weight_decay=1e-4, seed=seed)
             t0 = time.perf_counter()
             train(model, self.data.train, cfg, progress=False)
@@ -295,8 +301,9 @@ def write_page(a, rows, rand, meas, ev, record, fp32_top1, t_start, load_start) 
           f"- Seeds {a.seeds}: a seed sets the images of traces/eigenvalues/Fisher, the random plan and the "
           "fine-tuning order.",
           f"- Traces: exact (per-image Gauss-Newton = Hessian for this ReLU net) on {a.trace_images} training "
-          f"images, with the diagonal; HAWQ-V1 eigenvalues: power iteration, at most {a.eig_iters} "
-          f"Hessian-vector products per layer on {a.eig_images} images; empirical Fisher on {a.trace_images}.",
+          f"images; Hessian diagonal (exact Gauss-Newton) on the first {a.diag_images} of them; HAWQ-V1 "
+          f"eigenvalues: power iteration (Gauss-Newton block products, tolerance 1e-3), at most "
+          f"{a.eig_iters} products per layer on the first {a.eig_images}; empirical Fisher on {a.trace_images}.",
           f"- Fine-tuning (identical for all): {a.ft_images} images, SGD Nesterov momentum 0.9, lr 0.005 cosine, "
           "batch 128, weight decay 1e-4, straight-through estimator.",
           "- Total Omega is HAWQ-V2's (trace) Omega of each plan, whichever allocator chose it.",
@@ -336,8 +343,8 @@ def write_page(a, rows, rand, meas, ev, record, fp32_top1, t_start, load_start) 
           f"- {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} logical "
           f"cores, torch {torch.__version__} with {torch.get_num_threads()} threads; load average at start "
           f"{load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f} (other jobs shared the machine if > threads).",
-          f"- Total wall time {wall / 60:.1f} min. Per seed (traces, eigenvalues, Fisher, s): "
-          + "; ".join(f"seed {s}: {w['traces']:.0f}, {w['eig']:.0f}, {w['fisher']:.0f}"
+          f"- Total wall time {wall / 60:.1f} min. Per seed (traces, diagonal, eigenvalues, Fisher, s): "
+          + "; ".join(f"seed {s}: {w['traces']:.0f}, {w['diag']:.0f}, {w['eig']:.0f}, {w['fisher']:.0f}"
                       + (" (from cache)" if meas[s]["cached"] else "") for s, w in mw.items()) + ".",
           f"- Fine-tuning runs: {len(ev.ft_s)}, median {np.median(ev.ft_s) if ev.ft_s else 0:.1f} s; "
           f"evaluations: {len(ev.eval_s)} before fine-tuning (+{len(ev.ft_s)} after), median "

@@ -21,14 +21,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="run", help="run folder (default: ./run)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+    p.add_argument("--quiet", action="store_true", default=False, help="no progress bars or stage messages")
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
     g = p.add_argument_group("task")
     g.add_argument("--task", choices=TASKS, default=d.task)
-    g.add_argument("--model", default=d.model, help="registered model name (default: resnet20)")
+    g.add_argument("--model", default=None, help="registered model name (default: resnet20; detection: retinanet_tiny)")
     g.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)}")
     g.add_argument("--data-dir", default=None, help="folder with the data files (default: Debian package folder)")
     g.add_argument("--download", action="store_true", help="download the data set if it is not found")
@@ -37,9 +37,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=d.device, help="cpu (default) or cuda[:N]")
     g = p.add_argument_group("full-precision model")
     g.add_argument("--checkpoint", default=None, help="full-precision weights to use instead of training")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--epochs", type=int, default=None, help="default: 3 (detection: 12)")
+    g.add_argument("--batch-size", type=int, default=None, help="default: 128 (detection: 32)")
+    g.add_argument("--lr", type=float, default=None, help="default: 0.1 SGD (detection: 2e-3 AdamW)")
     g = p.add_argument_group("Hessian traces")
     g.add_argument("--trace-method", choices=TRACE_METHODS, default=d.trace_method)
     g.add_argument("--trace-rel-tol", type=float, default=d.trace_rel_tol,
@@ -49,29 +49,35 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     _ft_options(p)
 
 
-def _alloc_options(p: argparse.ArgumentParser) -> None:
+def _default(value):
+    return value
+
+
+def _alloc_options(p: argparse.ArgumentParser, with_defaults: bool = True) -> None:
     d = RunConfig()
+    keep = _default if with_defaults else (lambda _: argparse.SUPPRESS)
     g = p.add_argument_group("allocation")
-    g.add_argument("--bits", type=int, nargs="+", default=list(d.w_bits), help="candidate weight bit widths")
-    g.add_argument("--a-bits", type=int, default=None, help="activation bits for every layer (default: float)")
-    g.add_argument("--quantize-first-last", action="store_true",
+    g.add_argument("--bits", type=int, nargs="+", default=keep(list(d.w_bits)), help="candidate weight bit widths")
+    g.add_argument("--a-bits", type=int, default=keep(None), help="activation bits for every layer (default: float)")
+    g.add_argument("--quantize-first-last", action="store_true", default=keep(False),
                    help="let the allocator choose the first and last layers' bits (default: 8 bits)")
     b = g.add_mutually_exclusive_group()
-    b.add_argument("--budget-mb", type=float, default=None, help="model size budget in MB (2^20 bytes)")
-    b.add_argument("--compression", type=float, default=None, help="budget as fp32 size / compression")
-    b.add_argument("--budget-bits", type=float, default=d.budget_bits,
+    b.add_argument("--budget-mb", type=float, default=keep(None), help="model size budget in MB (2^20 bytes)")
+    b.add_argument("--compression", type=float, default=keep(None), help="budget as fp32 size / compression")
+    b.add_argument("--budget-bits", type=float, default=keep(d.budget_bits),
                    help="budget as the size of uniform weights at this many bits (default 3)")
-    g.add_argument("--sensitivity", choices=("trace", "diag"), default=d.sensitivity)
-    g.add_argument("--baselines", type=int, nargs="*", default=list(d.baselines),
+    g.add_argument("--sensitivity", choices=("trace", "diag"), default=keep(d.sensitivity))
+    g.add_argument("--baselines", type=int, nargs="*", default=keep(list(d.baselines)),
                    help="uniform bit widths fine-tuned for comparison (default 8 4 3)")
 
 
-def _ft_options(p: argparse.ArgumentParser) -> None:
-    d = RunConfig()
+def _ft_options(p: argparse.ArgumentParser, with_defaults: bool = True) -> None:
+    keep = _default if with_defaults else (lambda _: argparse.SUPPRESS)
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--ft-images", type=int, default=d.ft_images, help="images of quantization-aware fine-tuning")
-    g.add_argument("--ft-lr", type=float, default=d.ft_lr)
-    g.add_argument("--distill", action="store_true", help="distil from the full-precision model")
+    g.add_argument("--ft-images", type=int, default=keep(None),
+                   help="images of quantization-aware fine-tuning (default: 10240; detection: 4000)")
+    g.add_argument("--ft-lr", type=float, default=keep(None), help="default: 0.005 (detection: 2e-4)")
+    g.add_argument("--distill", action="store_true", default=keep(False), help="distil from the full-precision model")
 
 
 ALLOC_KEYS = ("bits", "a_bits", "quantize_first_last", "budget_mb", "compression", "budget_bits",
@@ -83,7 +89,11 @@ def _to_config_kwargs(args: argparse.Namespace) -> dict:
     kw = {k: v for k, v in vars(args).items() if k not in ("cmd", "out", "quiet", "bits", "quantize_first_last")}
     if hasattr(args, "bits"):
         kw["w_bits"] = tuple(args.bits)
+    if hasattr(args, "quantize_first_last"):
         kw["keep_first_last"] = not args.quantize_first_last
+    budget_keys = ("budget_mb", "compression", "budget_bits")
+    if args.cmd == "allocate" and any(k in kw for k in budget_keys):  # a new budget replaces the old one
+        kw = {"budget_mb": None, "compression": None, "budget_bits": 3.0, **kw}
     if "baselines" in kw:
         kw["baselines"] = tuple(kw["baselines"])
     return kw
@@ -101,12 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("trace", "estimate per-layer Hessian traces"), ("report", "write report.md and figures"),
                         ("evaluate", "evaluate the fine-tuned models again")):
         _common(sub.add_parser(name, help=help_))
-    p = sub.add_parser("allocate", help="sensitivity, Pareto frontier and the best plan under the budget")
+    # stage commands change only the options given on their command line
+    p = sub.add_parser("allocate", help="sensitivity, Pareto frontier and the best plan under the budget",
+                       argument_default=argparse.SUPPRESS)
     _common(p)
-    _alloc_options(p)
-    p = sub.add_parser("finetune", help="quantization-aware fine-tuning of the plan and the uniform baselines")
+    _alloc_options(p, with_defaults=False)
+    p = sub.add_parser("finetune", help="quantization-aware fine-tuning of the plan and the uniform baselines",
+                       argument_default=argparse.SUPPRESS)
     _common(p)
-    _ft_options(p)
+    _ft_options(p, with_defaults=False)
     return parser
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from hawq.quant.primitives import MAX_BITS, MIN_BITS
 
-TASKS = ("classification",)
+TASKS = ("classification", "detection")
 DATASETS = ("fashion_mnist",)
 TRACE_METHODS = ("auto", "exact", "mc_fisher", "mc_fisher_is", "hutchinson")
 
@@ -21,18 +21,27 @@ IDENTITY_FIELDS = (
 )
 
 
+TASK_DEFAULTS = {
+    "classification": {"model": "resnet20", "epochs": 3, "batch_size": 128, "lr": 0.1, "ft_images": 10240,
+                       "ft_lr": 0.005},
+    # the detection set's 2,000 training canvases; AdamW (see hawq.tasks.detection.train_detector)
+    "detection": {"model": "retinanet_tiny", "epochs": 12, "batch_size": 32, "lr": 2e-3, "ft_images": 4000,
+                  "ft_lr": 2e-4},
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     task: str = "classification"
-    model: str = "resnet20"
+    model: str | None = None  # None: the task's default (resnet20; retinanet_tiny for detection)
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
     download: bool = False
     seed: int = 0
     # full-precision training (skipped with `checkpoint`, or when the cache holds the same config)
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 0.1
+    epochs: int | None = None  # None: the task's default (TASK_DEFAULTS)
+    batch_size: int | None = None
+    lr: float | None = None
     weight_decay: float = 5e-4
     checkpoint: str | None = None
     # Hessian traces
@@ -49,8 +58,8 @@ class RunConfig:
     budget_bits: float = 3.0  # default budget: the size of uniform `budget_bits`-bit weights
     sensitivity: str = "trace"  # "trace" (the paper's) or "diag" (curvature diagonal)
     # fine-tuning and comparison
-    ft_images: int = 10240
-    ft_lr: float = 0.005
+    ft_images: int | None = None
+    ft_lr: float | None = None
     ft_batch_size: int = 128
     distill: bool = False
     baselines: tuple[int, ...] = (8, 4, 3)
@@ -58,6 +67,10 @@ class RunConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.task in TASK_DEFAULTS:
+            for key, value in TASK_DEFAULTS[self.task].items():
+                if getattr(self, key) is None:
+                    object.__setattr__(self, key, value)
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"unknown device {self.device!r}: use cpu or cuda[:N]")
         if self.task not in TASKS:

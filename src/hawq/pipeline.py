@@ -188,7 +188,7 @@ def stage_trace(ctx: Context, data: Any, model: nn.Module | None = None) -> dict
         save_torch(ctx.run.path("diagonals.pt"), result.diagonals)
     write_json(path, "traces", payload)
     partial.unlink(missing_ok=True)
-    worst = max(lt.stderr / abs(lt.trace) if lt.trace else 0.0 for lt in result.layers)
+    worst = max(lt.stderr / abs(lt.trace) if lt.trace else float("inf") for lt in result.layers)
     ctx.log(f"traces: {len(result.layers)} layers by {result.method} on {result.n_images} images "
             f"(largest relative standard error {100 * worst:.1f}%)")
     ctx.run.update_results(stage="trace", wall_s=time.perf_counter() - t0,
@@ -203,10 +203,17 @@ def stage_allocate(ctx: Context, data: Any, model: nn.Module | None = None) -> P
     model = model if model is not None else load_fp32(ctx)
     traces = read_json(ctx.run.path("traces.json"), "traces")
     means = {row["fqn"]: row["trace"] for row in traces["layers"]}
+    negative = sorted(k for k, v in means.items() if v < 0)
+    if negative:  # a non-convex loss away from a minimum: Omega = Tr/n * ||dW||^2 assumes Tr >= 0
+        ctx.log(f"warning: negative average trace for {', '.join(negative)}; counted as 0 in Omega")
+        means = {k: max(v, 0.0) for k, v in means.items()}
     diagonals = None
     if cfg.sensitivity == "diag":
         from hawq.io import load_torch
 
+        if not ctx.run.path("diagonals.pt").exists():
+            raise ValueError(f"the diagonal sensitivity needs curvature diagonals: run `hawq run --sensitivity diag "
+                             f"--out {ctx.run.root}`")
         diagonals = load_torch(ctx.run.path("diagonals.pt"))
     table = sensitivity_table(model, means, bits=cfg.w_bits, fixed=_fixed(cfg, model), diagonals=diagonals,
                               example_input=ctx.task.example_input(data).to(cfg.device))

@@ -21,7 +21,8 @@ def _fig_traces(traces: dict, path: Path) -> None:
     rows = traces["layers"]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 3.6))
     x = range(len(rows))
-    ax.bar(x, [r["trace"] for r in rows], yerr=[r["stderr"] for r in rows], capsize=2, color="#4c72b0")
+    err = [float("nan") if r["stderr"] is None else r["stderr"] for r in rows]  # None: one sample only
+    ax.bar(x, [max(r["trace"], 0.0) for r in rows], yerr=err, capsize=2, color="#4c72b0")
     ax.set_yscale("log")
     ax.set_xticks(list(x), [r["fqn"] for r in rows], rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("average Hessian trace Tr(H)/n")
@@ -45,7 +46,7 @@ def _fig_convergence(traces: dict, path: Path) -> bool:
             continue
         n = [p[0] for p in h]
         mean = [p[1] / r["trace"] if r["trace"] else 0.0 for p in h]
-        se = [p[2] / r["trace"] if r["trace"] else 0.0 for p in h]
+        se = [(p[2] or 0.0) / r["trace"] if r["trace"] else 0.0 for p in h]
         (line,) = ax.plot(n, mean, label=r["fqn"], lw=1.2)
         ax.fill_between(n, [m - 2 * s for m, s in zip(mean, se)], [m + 2 * s for m, s in zip(mean, se)],
                         color=line.get_color(), alpha=0.15)
@@ -53,7 +54,8 @@ def _fig_convergence(traces: dict, path: Path) -> bool:
     ax.set_xlabel("images processed")
     ax.set_ylabel("running estimate / final estimate")
     ax.set_title("Convergence of the largest layers' traces (band: ±2 s.e.)")
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -119,7 +121,7 @@ def _results_table(results: dict, plan: dict | None) -> list[str]:
     if metric in fp:
         fp_size = plan["size"]["fp32_bytes"] / MB if plan and "size" in plan else float("nan")
         lines.append(f"| full precision | {fp_size:.4f} | 0 | {fp[metric]:.2f} | - |"
-                     + "".join(f" {fp.get(k, float('nan')):.3f} |" for k in extra))
+                     + "".join(f" {fp.get(k, float('nan')):.2f} |" for k in extra))
     order = sorted((k for k in models if k.startswith("uniform")), key=lambda k: -int(k[7:])) + ["hawq"]
     for name in order:
         m = models.get(name)
@@ -127,7 +129,7 @@ def _results_table(results: dict, plan: dict | None) -> list[str]:
             continue
         title = "HAWQ-V2 plan" if name == "hawq" else f"uniform {name[7:]}-bit"
         lines.append(f"| {title} | {m['size_mb']:.4f} | {m['omega']:.4g} | {m[f'{metric}_before_ft']:.2f} | "
-                     f"{m[metric]:.2f} |" + "".join(f" {m.get(k, float('nan')):.3f} |" for k in extra))
+                     f"{m[metric]:.2f} |" + "".join(f" {m.get(k, float('nan')):.2f} |" for k in extra))
     return lines
 
 
@@ -173,8 +175,9 @@ def write_report(root: str | Path) -> Path:
             md += ["![convergence](figures/convergence.png)", ""]
         md += ["| layer | n_params | Tr(H)/n | s.e. | rel. s.e. |", "|---|---|---|---|---|"]
         for r in traces["layers"]:
-            rel = r["stderr"] / abs(r["trace"]) if r["trace"] else 0.0
-            md.append(f"| {r['fqn']} | {r['n_params']} | {r['trace']:.4g} | {r['stderr']:.2g} | {100 * rel:.1f}% |")
+            se = float("inf") if r["stderr"] is None else r["stderr"]
+            rel = se / abs(r["trace"]) if r["trace"] else float("inf")
+            md.append(f"| {r['fqn']} | {r['n_params']} | {r['trace']:.4g} | {se:.2g} | {100 * rel:.1f}% |")
         md.append("")
     stages = results.get("stages", {})
     if stages:
