@@ -14,6 +14,7 @@ and says where HAWQ-V2 does not win.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -48,7 +49,7 @@ from hawq.config import RunConfig
 from hawq.data.fashion_mnist import TensorDataset, batches
 from hawq.hessian import estimate_traces, weights_hash
 from hawq.io import load_torch, save_torch
-from hawq.pipeline import quantized_copy, uniform_size_bytes
+from hawq.quant import calibrate_, quantize_
 from hawq.train import TrainConfig, evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +118,18 @@ def measures(model, data: TensorDataset, seed: int, free: list[str], a, progress
                                         "fisher": time.perf_counter() - t3}}
     save_torch(path, out)
     return {**out, "cached": None}
+
+
+def uniform_size_bytes(table, bits: float) -> float:
+    """Size with every free layer at `bits` (fractional allowed), fixed layers at theirs (bytes)."""
+    return (32 * table.other_params + sum(r.n_params * (r.bits[0] if r.fixed else bits) for r in table.layers)) / 8
+
+
+def quantized_copy(fp32, plan, data):
+    model = quantize_(copy.deepcopy(fp32), plan)
+    if any(b is not None for b in plan.a_bits.values()):
+        calibrate_(model, batches(data.train, 256), n_batches=8)
+    return model
 
 
 def allocate(name: str, tables: dict, budget: float, m: dict, seed: int):

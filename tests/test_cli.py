@@ -121,3 +121,20 @@ def test_error_exit_code_without_traceback_in_a_real_process(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_joint_weight_and_activation_allocation_under_bops(fake_fmnist, tmp_path):
+    out = tmp_path / "joint"
+    args = ["run", "--quick", "--quiet", "--model", "tiny_cnn", "--data-dir", str(fake_fmnist), "--out", str(out),
+            "--ft-images", "32", "--baselines", "4", "--a-bits-options", "4", "8", "--budget-gbops", "0.0022"]
+    assert main(args) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["bops"] <= 0.0022e9
+    assert all(v["a_bits"] in (4, 8) for v in plan["layers"].values())
+    assert plan["layers"]["conv2"]["a_bits"] == 4 or plan["layers"]["conv2"]["w_bits"] < 8  # the budget binds
+    traces = json.loads((out / "traces.json").read_text())
+    assert {r["fqn"] for r in traces["activations"]["layers"]} == {"conv1", "conv2", "fc"}
+    sens = json.loads((out / "sensitivity.json").read_text())
+    omega = sens["activation_omega"]["conv2"]
+    assert omega["4"] > omega["8"] >= 0
+    assert "bops_points" in json.loads((out / "frontier.json").read_text())

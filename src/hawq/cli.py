@@ -59,6 +59,10 @@ def _alloc_options(p: argparse.ArgumentParser, with_defaults: bool = True) -> No
     g = p.add_argument_group("allocation")
     g.add_argument("--bits", type=int, nargs="+", default=keep(list(d.w_bits)), help="candidate weight bit widths")
     g.add_argument("--a-bits", type=int, default=keep(None), help="activation bits for every layer (default: float)")
+    g.add_argument("--a-bits-options", type=int, nargs="+", default=keep(()),
+                   help="allocate activation bits too, from these widths (e.g. 4 8), by activation Hessian traces")
+    g.add_argument("--budget-gbops", type=float, default=keep(None),
+                   help="BOPs budget in 1e9 bit operations per image (with activation bits)")
     g.add_argument("--quantize-first-last", action="store_true", default=keep(False),
                    help="let the allocator choose the first and last layers' bits (default: 8 bits)")
     b = g.add_mutually_exclusive_group()
@@ -94,8 +98,9 @@ def _to_config_kwargs(args: argparse.Namespace) -> dict:
     budget_keys = ("budget_mb", "compression", "budget_bits")
     if args.cmd == "allocate" and any(k in kw for k in budget_keys):  # a new budget replaces the old one
         kw = {"budget_mb": None, "compression": None, "budget_bits": 3.0, **kw}
-    if "baselines" in kw:
-        kw["baselines"] = tuple(kw["baselines"])
+    for key in ("baselines", "a_bits_options"):
+        if key in kw:
+            kw[key] = tuple(kw[key])
     return kw
 
 

@@ -52,6 +52,8 @@ class RunConfig:
     # allocation
     w_bits: tuple[int, ...] = (2, 3, 4, 8)
     a_bits: int | None = None
+    a_bits_options: tuple[int, ...] = ()  # non-empty: joint weight + activation allocation over these
+    budget_gbops: float | None = None  # BOPs budget (1e9 bit operations per image), joint allocation
     keep_first_last: bool = True
     budget_mb: float | None = None
     compression: float | None = None
@@ -81,7 +83,14 @@ class RunConfig:
             raise ValueError(f"unknown trace method {self.trace_method!r}: choose one of {', '.join(TRACE_METHODS)}")
         if not self.w_bits:
             raise ValueError("no weight bit widths given: pass e.g. --bits 2 3 4 8")
-        for b in (*self.w_bits, *self.baselines, *([self.a_bits] if self.a_bits is not None else [])):
+        if self.budget_gbops is not None and self.budget_gbops <= 0:
+            raise ValueError(f"--budget-gbops must be positive, got {self.budget_gbops}")
+        if self.budget_gbops is not None and not self.a_bits_options and self.a_bits is None:
+            raise ValueError("a BOPs budget needs activation bits: add --a-bits-options 4 8 (or --a-bits B)")
+        if self.a_bits is not None and self.a_bits_options:
+            raise ValueError("give either --a-bits (every layer) or --a-bits-options (allocated), not both")
+        extra = [self.a_bits] if self.a_bits is not None else []
+        for b in (*self.w_bits, *self.baselines, *self.a_bits_options, *extra):
             if isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
                 raise ValueError(f"bit width {b!r} is outside {MIN_BITS}..{MAX_BITS}: use whole numbers in that range")
         if self.budget_mb is not None and self.budget_mb <= 0:
@@ -114,6 +123,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["w_bits"], d["baselines"] = list(self.w_bits), list(self.baselines)
+        d["a_bits_options"] = list(self.a_bits_options)
         return d
 
     @classmethod
@@ -123,7 +133,7 @@ class RunConfig:
         if unknown:
             raise ValueError(f"config has unknown keys {sorted(unknown)}: it was written by another tool")
         kw = {k: v for k, v in d.items() if k in known}
-        for k in ("w_bits", "baselines"):
+        for k in ("w_bits", "baselines", "a_bits_options"):
             if k in kw:
                 kw[k] = tuple(kw[k])
         return cls(**kw)

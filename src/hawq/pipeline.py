@@ -19,9 +19,14 @@ from hawq.alloc import (
     MB,
     Plan,
     SensitivityTable,
+    activation_omega,
+    activation_perturbations,
+    best_joint_plan,
     best_plan,
     default_fixed,
     fp32_size_bytes,
+    joint_frontier,
+    make_plan,
     min_size_bytes,
     pareto_frontier,
     plan_for_bits,
@@ -31,7 +36,7 @@ from hawq.alloc import (
 )
 from hawq.classification import ClassificationTask
 from hawq.config import RunConfig
-from hawq.hessian import estimate_traces, weights_hash
+from hawq.hessian import estimate_activation_traces, estimate_traces, weights_hash
 from hawq.io import read_json, save_torch, write_json
 from hawq.quant import calibrate_, quantize_
 from hawq.runfolder import RunFolder
@@ -157,7 +162,8 @@ def trace_settings(cfg: RunConfig) -> dict:
     """What, besides the weights, decides the traces: a traces.json with the same values is reused."""
     return {"method": cfg.trace_method, "rel_tol": cfg.trace_rel_tol, "max_images": trace_max_images(cfg),
             "batch_size": cfg.trace_batch_size, "seed": cfg.seed, "dataset": cfg.dataset,
-            "n_train": None if cfg.train_images is None else cfg.train_images, "diagonal": cfg.sensitivity == "diag"}
+            "n_train": None if cfg.train_images is None else cfg.train_images, "diagonal": cfg.sensitivity == "diag",
+            "activations": bool(cfg.a_bits_options)}
 
 
 def trace_max_images(cfg: RunConfig) -> int:
@@ -184,6 +190,12 @@ def stage_trace(ctx: Context, data: Any, model: nn.Module | None = None) -> dict
     payload = result.to_dict()
     wall_s = payload.pop("wall_s", time.perf_counter() - t0)
     payload.update(weights_hash=w_hash, settings=settings)
+    if settings["activations"]:
+        act = estimate_activation_traces(model, ctx.task.trace_batches(cfg, data), method=cfg.trace_method,
+                                         loss=ctx.task.trace_loss(model), rel_tol=cfg.trace_rel_tol,
+                                         max_images=trace_max_images(cfg), seed=cfg.seed, progress=ctx.progress)
+        payload["activations"] = {k: v for k, v in act.to_dict().items() if k != "wall_s"}
+        ctx.log(f"activation traces: {len(act.layers)} layer inputs by {act.method} on {act.n_images} images")
     if getattr(result, "diagonals", None):
         save_torch(ctx.run.path("diagonals.pt"), result.diagonals)
     write_json(path, "traces", payload)
@@ -222,19 +234,36 @@ def stage_allocate(ctx: Context, data: Any, model: nn.Module | None = None) -> P
     write_json(ctx.run.path("sensitivity.json"), "sensitivity", table_dict)
     frontier = pareto_frontier(table)
     budget = budget_bytes(cfg, table)
-    plan = best_plan(table, budget, a_bits=cfg.a_bits)
-    points = [{"plan_id": i, **p.to_dict()} for i, p in enumerate(frontier)]
-    write_json(ctx.run.path("frontier.json"), "frontier", {"fqns": list(table.fqns), "points": points})
-    uniform = {f"uniform{b}": plan_for_bits(table, b, a_bits=cfg.a_bits) for b in sorted(set(cfg.baselines))}
+    frontier_doc = {"fqns": list(table.fqns), "points": [{"plan_id": i, **p.to_dict()} for i, p in enumerate(frontier)]}
+    act_omega, uniform_a = None, cfg.a_bits
+    if cfg.a_bits_options:
+        act_traces = {r["fqn"]: r["trace"] for r in traces["activations"]["layers"]}
+        pert = activation_perturbations(model, ctx.task.calibration_batches(data), list(table.fqns),
+                                        cfg.a_bits_options)
+        act_omega = activation_omega(act_traces, pert)
+        table_dict["activation_omega"] = {k: {str(b): v for b, v in d.items()} for k, d in act_omega.items()}
+        write_json(ctx.run.path("sensitivity.json"), "sensitivity", table_dict)
+        size_given = cfg.budget_mb is not None or cfg.compression is not None or cfg.budget_gbops is None
+        plan = best_joint_plan(table, act_omega, a_bits=cfg.a_bits_options, budget_bytes=budget if size_given else None,
+                               budget_bops=None if cfg.budget_gbops is None else cfg.budget_gbops * 1e9)
+        joint = joint_frontier(table, act_omega, a_bits=cfg.a_bits_options, cost="bops")
+        frontier_doc["bops_points"] = [{"plan_id": i, **p.to_dict()} for i, p in enumerate(joint)]
+        uniform_a = max(cfg.a_bits_options)
+    else:
+        plan = best_plan(table, budget, a_bits=cfg.a_bits)
+    write_json(ctx.run.path("frontier.json"), "frontier", frontier_doc)
+    uniform = {f"uniform{b}": make_plan(table, plan_for_bits(table, b).w_bits, {f: uniform_a for f in table.fqns},
+                                        act_omega) for b in sorted(set(cfg.baselines))}
     write_json(ctx.run.path("plan.json"), "plan", {
-        **plan.to_dict(), "budget_bytes": budget, "budget_mb": budget / MB,
+        **plan.to_dict(), "budget_bytes": budget, "budget_mb": budget / MB, "budget_gbops": cfg.budget_gbops,
         "size": size_report(table, plan), "sensitivity": table.kind,
         "uniform": {k: p.to_dict() for k, p in uniform.items()},
     })
     ctx.log(f"plan: {plan.size_bytes / MB:.4f} MB (budget {budget / MB:.4f} MB), total Omega {plan.omega:.4g}, "
             f"{len(frontier)} Pareto points")
     ctx.run.update_results(stage="allocate", wall_s=time.perf_counter() - t0,
-                           allocation={"budget_mb": budget / MB, "frontier_points": len(frontier)})
+                           allocation={"budget_mb": budget / MB, "frontier_points": len(frontier),
+                                       "budget_gbops": cfg.budget_gbops, "joint": bool(cfg.a_bits_options)})
     return plan
 
 

@@ -1,5 +1,6 @@
 """Sensitivity, Pareto frontier, exact bit allocation, size and BOPs accounting (HAWQ-V2, steps 2-3)."""
 
+from hawq.alloc.activations import activation_omega, activation_perturbations
 from hawq.alloc.baselines import (
     ALLOCATORS,
     empirical_fisher,
@@ -37,6 +38,8 @@ from hawq.alloc.size import (
 )
 
 __all__ = [
+    "activation_omega",
+    "activation_perturbations",
     "ALLOCATORS",
     "FrontierPoint",
     "LayerSensitivity",

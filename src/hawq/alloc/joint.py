@@ -43,7 +43,7 @@ def best_joint_plan(
     if budget_bytes is None and budget_bops is None:
         raise ValueError("give budget_bytes, budget_bops, or both")
     check_budget(budget_bytes, "the size budget", "--budget-mb")
-    check_budget(budget_bops, "the BOPs budget", "--budget-bops")
+    check_budget(budget_bops, "the BOPs budget", "--budget-gbops")
     if budget_bops is not None:
         _check_macs(table)
     groups = build_groups(table, tuple(a_bits), act_omega, ties)
@@ -60,7 +60,7 @@ def best_joint_plan(
     if bops_cap is not None and bops_cap < min_bops:
         raise ValueError(
             f"BOPs budget {budget_bops:.4g} is below the smallest feasible {min_bops:.4g} "
-            "(every layer at its lowest weight and activation bits): raise --budget-bops"
+            "(every layer at its lowest weight and activation bits): raise --budget-gbops"
         )
     both = size_cap is not None and bops_cap is not None
     if method == "dp" and both:
@@ -69,7 +69,7 @@ def best_joint_plan(
         choice = solve_ilp(groups, size_cap, bops_cap)
         if choice is None:
             raise ValueError(
-                "no plan meets both the size and the BOPs budget: raise --budget-mb or --budget-bops"
+                "no plan meets both the size and the BOPs budget: raise --budget-mb or --budget-gbops"
             )
     else:
         cost, cap = ("size", size_cap) if size_cap is not None else ("bops", bops_cap)

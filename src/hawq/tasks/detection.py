@@ -9,9 +9,11 @@ of 12-48 px and a head trimmed to `head_convs` convolutions per branch. It takes
                                        then 4 box deltas, as a classifier gives logits
 
 The dense form is what `hawq.calibrate_`, `layer_macs`, the Hessian traces and export call; the loss on it
-(`dense_loss`) is RetinaNet's own: sigmoid focal loss + L1 box regression, both twice differentiable, so
+(`dense_loss`) is RetinaNet's own: sigmoid focal loss + box regression, both twice differentiable, so
 Hutchinson probes with true Hessian-vector products apply (the Gauss-Newton identity of DESIGN.md holds for
-cross-entropy only). Labels are 1..10 as `hawq.data.coco` gives them; class 0 is unused (torchvision's
+cross-entropy only). The box loss is smooth L1 (beta 1, i.e. quadratic for the small deltas of a trained
+model), not torchvision's default L1: L1 after a ReLU network has a zero Hessian almost everywhere, so
+every regression-head trace would be 0 and HAWQ would think those layers free to quantize. Labels are 1..10 as `hawq.data.coco` gives them; class 0 is unused (torchvision's
 convention of a background slot), so `num_classes = 11`.
 """
 
@@ -48,8 +50,11 @@ class DetectorConfig:
     head_convs: int = 2
     anchor_sizes: tuple[int, ...] = (12, 20, 32, 48)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    box_loss: str = "smooth_l1"
 
     def __post_init__(self) -> None:
+        if self.box_loss not in ("smooth_l1", "giou", "l1"):
+            raise ValueError(f"box_loss {self.box_loss!r} is unknown: use 'smooth_l1', 'giou' or 'l1'")
         if self.canvas % 32:
             raise ValueError(f"canvas {self.canvas} must be a multiple of 32 (RetinaNet pads to it)")
         if not 1 <= self.head_convs <= 4:
@@ -93,6 +98,7 @@ class TinyRetinaNet(RetinaNet):
         head = RetinaNetHead(config.width, anchors.num_anchors_per_location()[0], config.num_classes)
         for branch in (head.classification_head, head.regression_head):
             branch.conv = branch.conv[: config.head_convs]
+        head.regression_head._loss_type = config.box_loss
         super().__init__(
             TinyBackbone(config.in_channels, config.width), config.num_classes,
             min_size=config.canvas, max_size=config.canvas,
