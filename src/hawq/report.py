@@ -85,6 +85,31 @@ def _fig_frontier(frontier: dict, plan: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _fig_frontier_bops(frontier: dict, plan: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    pts = [p for p in frontier["bops_points"] if p["omega"] > 0 and p.get("bops")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([p["bops"] / 1e9 for p in pts], [p["omega"] for p in pts], ".-", ms=2.5, lw=0.8, color="#4c72b0",
+            label=f"joint weight+activation frontier ({len(frontier['bops_points'])} plans)")
+    for name, u in sorted(plan.get("uniform", {}).items()):
+        if u.get("bops"):
+            ax.scatter(u["bops"] / 1e9, u["omega"], marker="s", s=30, zorder=3, label=name)
+    if plan.get("bops"):
+        ax.scatter(plan["bops"] / 1e9, plan["omega"], marker="*", s=160, color="#c44e52", zorder=4, label="HAWQ plan")
+    if plan.get("budget_gbops"):
+        ax.axvline(plan["budget_gbops"], color="gray", ls="--", lw=0.8, label="BOPs budget")
+    if pts:
+        ax.set_yscale("log")
+    ax.set_xlabel("GBOPs per image")
+    ax.set_ylabel("total sensitivity Ω (weights + activations)")
+    ax.set_title("BOPs against total Ω")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _fig_plan(plan: dict, traces: dict | None, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -96,6 +121,10 @@ def _fig_plan(plan: dict, traces: dict | None, path: Path) -> None:
     palette = {1: "#c44e52", 2: "#dd8452", 3: "#ccb974", 4: "#55a868", 8: "#4c72b0"}
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 3.4))
     ax.bar(range(len(names)), bits, color=[palette.get(b, "#8172b3") for b in bits])
+    abits = [plan["layers"][n].get("a_bits") for n in names]
+    if any(a is not None for a in abits):
+        ax.plot(range(len(names)), [a or 0 for a in abits], "k_", ms=14, mew=2, label="activation bits")
+        ax.legend(fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("weight bits")
     ax.set_title(f"HAWQ plan: {plan['size_bytes'] / MB:.4f} MB")
@@ -167,6 +196,9 @@ def write_report(root: str | Path) -> Path:
         if frontier:
             _fig_frontier(frontier, plan, figs / "frontier.png")
             md += ["![Pareto frontier](figures/frontier.png)", ""]
+            if frontier.get("bops_points"):
+                _fig_frontier_bops(frontier, plan, figs / "frontier_bops.png")
+                md += ["![BOPs frontier](figures/frontier_bops.png)", ""]
     if traces:
         _fig_traces(traces, figs / "traces.png")
         md += ["## Hessian traces", "", f"Method `{traces['method']}` on {traces['n_images']} images.", "",
