@@ -37,7 +37,8 @@ def load_data(cfg: RunConfig) -> ClassificationData:
 def build_model(cfg: RunConfig) -> nn.Module:
     in_channels, num_classes = DATASET_SHAPES[cfg.dataset]
     torch.manual_seed(cfg.seed)  # the initial weights come from the run's seed
-    return create_model(cfg.model, in_channels=in_channels, num_classes=num_classes)
+    kw = {} if cfg.weights is None else {"weights": cfg.weights}
+    return create_model(cfg.model, in_channels=in_channels, num_classes=cfg.num_classes or num_classes, **kw)
 
 
 def fp_train_config(cfg: RunConfig, n_train: int) -> TrainConfig:
@@ -51,7 +52,8 @@ def cache_dir() -> Path:
 
 
 def cache_key(cfg: RunConfig, tcfg: TrainConfig, n_train: int) -> str:
-    ident = {"model": cfg.model, "dataset": cfg.dataset, "n_train": n_train, "train": tcfg.to_dict(), "algo": 2}
+    ident = {"model": cfg.model, "dataset": cfg.dataset, "n_train": n_train, "train": tcfg.to_dict(), "algo": 2,
+             "image_size": cfg.image_size, "num_classes": cfg.num_classes}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -69,10 +71,14 @@ def load_state_into(model: nn.Module, path: str | Path) -> None:
 
 
 def full_precision_model(
-    cfg: RunConfig, data: ClassificationData, progress: bool = True
+    cfg: RunConfig, data: ClassificationData, progress: bool = True, build=None
 ) -> tuple[nn.Module, dict]:
-    """Train (or load from --checkpoint or the cache) the full-precision model; returns it and its record."""
-    model = build_model(cfg)
+    """Train (or load from --checkpoint, --weights or the cache) the full-precision model; returns it and its
+    record. `build(cfg)` makes the model (default: `build_model`)."""
+    build = build or build_model
+    model = build(cfg)
+    if cfg.weights is not None and cfg.checkpoint is None:
+        return model.to(cfg.device).eval(), {"source": f"weights {cfg.weights}"}
     if cfg.checkpoint is not None:
         load_state_into(model, cfg.checkpoint)
         return model.to(cfg.device).eval(), {"source": f"checkpoint {cfg.checkpoint}"}
@@ -85,7 +91,7 @@ def full_precision_model(
             return model.to(cfg.device).eval(), {"source": f"cache {cached}", "cache_key": key, "train": tcfg.to_dict()}
         except ValueError as e:
             print(f"hawq: ignoring the cached model ({e}); training again", file=sys.stderr)
-            model = build_model(cfg)
+            model = build(cfg)
     model.to(cfg.device)
     stats = train(model, data.train, tcfg, progress=progress, desc="train fp32")
     save_torch(cached, {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": tcfg.to_dict()})

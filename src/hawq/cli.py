@@ -27,6 +27,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _run_options(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
     g = p.add_argument_group("task")
+    g.add_argument("--recipe", default=None,
+                   help="a recipe JSON (configs/*.json): its settings are the defaults, the command line wins")
     g.add_argument("--task", choices=TASKS, default=d.task)
     g.add_argument("--model", default=None, help="registered model name (default: resnet20; detection: retinanet_tiny)")
     g.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)}")
@@ -37,6 +39,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=d.device, help="cpu (default) or cuda[:N]")
     g = p.add_argument_group("full-precision model")
     g.add_argument("--checkpoint", default=None, help="full-precision weights to use instead of training")
+    g.add_argument("--weights", default=None, help="local pretrained weights for the model's constructor")
+    g.add_argument("--image-size", type=int, default=None, help="ImageNet/COCO input size (default: the model's)")
+    g.add_argument("--num-classes", type=int, default=None, help="default: from the data set")
     g.add_argument("--epochs", type=int, default=None, help="default: 3 (detection: 12)")
     g.add_argument("--batch-size", type=int, default=None, help="default: 128 (detection: 32)")
     g.add_argument("--lr", type=float, default=None, help="default: 0.1 SGD (detection: 2e-3 AdamW)")
@@ -90,7 +95,8 @@ FT_KEYS = ("ft_images", "ft_lr", "distill")
 
 
 def _to_config_kwargs(args: argparse.Namespace) -> dict:
-    kw = {k: v for k, v in vars(args).items() if k not in ("cmd", "out", "quiet", "bits", "quantize_first_last")}
+    drop = ("cmd", "out", "quiet", "bits", "quantize_first_last", "recipe")
+    kw = {k: v for k, v in vars(args).items() if k not in drop}
     if hasattr(args, "bits"):
         kw["w_bits"] = tuple(args.bits)
     if hasattr(args, "quantize_first_last"):
@@ -102,6 +108,36 @@ def _to_config_kwargs(args: argparse.Namespace) -> dict:
         if key in kw:
             kw[key] = tuple(kw[key])
     return kw
+
+
+def load_recipe(path: str) -> dict:
+    """A recipe: {"kind": "hawq_recipe", "config": {RunConfig fields}, "paper": {...}}."""
+    import json
+    from dataclasses import fields
+
+    try:
+        with open(path) as f:
+            recipe = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"recipe {path} cannot be read ({e}): pass a configs/*.json file") from e
+    if not isinstance(recipe, dict) or recipe.get("kind") != "hawq_recipe" or not isinstance(recipe.get("config"),
+                                                                                          dict):
+        raise ValueError(f"{path} is not a hawq recipe (kind 'hawq_recipe' with a 'config' object)")
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(recipe["config"]) - known)
+    if unknown:
+        raise ValueError(f"recipe {path} sets unknown options {unknown}: remove them")
+    return recipe
+
+
+def _explicit_keys(argv: Sequence[str]) -> set[str]:
+    """Config keys named on the command line (so that they override a recipe)."""
+    keys = set()
+    for tok in argv:
+        if tok.startswith("--"):
+            key = tok[2:].split("=", 1)[0].replace("-", "_")
+            keys.add({"bits": "w_bits", "quantize_first_last": "keep_first_last"}.get(key, key))
+    return keys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,9 +171,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = not args.quiet
     try:
         if args.cmd in ("run", "train"):
-            cfg = RunConfig(**_to_config_kwargs(args))
+            kwargs = _to_config_kwargs(args)
+            recipe = None
+            if args.recipe is not None:
+                recipe = load_recipe(args.recipe)
+                given = _explicit_keys(argv if argv is not None else sys.argv[1:])
+                kwargs = {**recipe["config"], **{k: v for k, v in kwargs.items() if k in given}}
+                kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+            cfg = RunConfig(**kwargs)
             if args.cmd == "run":
-                res = pipeline.run_all(cfg, args.out, progress)
+                res = pipeline.run_all(cfg, args.out, progress, paper=None if recipe is None else recipe.get("paper"))
                 if not args.quiet:
                     print(f"done: {args.out}/report.md (total {res.get('total_wall_s', 0):.0f} s)")
             else:

@@ -10,13 +10,14 @@ from typing import Any
 from hawq.quant.primitives import MAX_BITS, MIN_BITS
 
 TASKS = ("classification", "detection")
-DATASETS = ("fashion_mnist",)
+DATASETS = ("fashion_mnist", "imagenet", "coco")
 TRACE_METHODS = ("auto", "exact", "mc_fisher", "mc_fisher_is", "hutchinson")
 
 # Fields that decide the full-precision model and its traces: a run folder holding other values is a
 # different run. The remaining fields (budget, bit widths, fine-tuning) may change between stage calls.
 IDENTITY_FIELDS = (
-    "task", "model", "dataset", "seed", "epochs", "batch_size", "lr", "weight_decay", "checkpoint",
+    "task", "model", "dataset", "seed", "epochs", "batch_size", "lr", "weight_decay", "checkpoint", "weights",
+    "image_size", "num_classes",
     "trace_method", "trace_rel_tol", "trace_max_images", "trace_batch_size", "quick",
 )
 
@@ -43,7 +44,10 @@ class RunConfig:
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float = 5e-4
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # full-precision weights of the whole model, as hawq saves them
+    weights: str | None = None  # local pretrained weights handed to the model's constructor (paper models)
+    image_size: int | None = None  # ImageNet / COCO: input resolution (None: the model's standard size)
+    num_classes: int | None = None  # None: from the data set
     # Hessian traces
     trace_method: str = "auto"
     trace_rel_tol: float = 0.05

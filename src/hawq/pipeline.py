@@ -7,6 +7,7 @@ Each stage reads the artifacts of the stages before it from the folder, so it ca
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -48,6 +49,12 @@ def get_task(cfg: RunConfig):
         from hawq.detection import DetectionTask
 
         return DetectionTask()
+    if cfg.dataset == "imagenet":
+        from hawq.imagenet_task import ImageFolderTask
+
+        return ImageFolderTask()
+    if cfg.dataset != "fashion_mnist":
+        raise ValueError(f"the classification task does not read {cfg.dataset!r}: use fashion_mnist or imagenet")
     return ClassificationTask()
 
 
@@ -187,6 +194,10 @@ def stage_trace(ctx: Context, data: Any, model: nn.Module | None = None) -> dict
                              loss=ctx.task.trace_loss(model), rel_tol=cfg.trace_rel_tol,
                              max_images=trace_max_images(cfg), seed=cfg.seed, progress=ctx.progress,
                              diagonal=settings["diagonal"], state_path=partial)
+    bad = [lt.fqn for lt in result.layers if not math.isfinite(lt.trace)]
+    if bad:
+        raise ValueError(f"the traces of {len(bad)} layers ({', '.join(bad[:3])}...) are not finite: the model's "
+                         "outputs overflow; check the full-precision weights (train longer or pass --checkpoint)")
     payload = result.to_dict()
     wall_s = payload.pop("wall_s", time.perf_counter() - t0)
     payload.update(weights_hash=w_hash, settings=settings)
@@ -338,8 +349,9 @@ def stage_report(ctx: Context) -> Path:
     return path
 
 
-def run_all(cfg: RunConfig, out: str | Path, progress: bool = True) -> dict:
-    """Every stage, in order, into `out`. Returns results.json's content."""
+def run_all(cfg: RunConfig, out: str | Path, progress: bool = True, paper: dict | None = None) -> dict:
+    """Every stage, in order, into `out`. Returns results.json's content. `paper`: a recipe's published
+    numbers, compared in results.json with what this run measured."""
     t0 = time.perf_counter()
     ctx, data = prepare(cfg, out, progress)
     model = stage_fp32(ctx, data)
@@ -347,5 +359,10 @@ def run_all(cfg: RunConfig, out: str | Path, progress: bool = True) -> dict:
     stage_allocate(ctx, data, model)
     stage_finetune(ctx, data, model)
     ctx.run.update_results(total_wall_s=round(time.perf_counter() - t0, 2))
+    if paper:
+        ours = ctx.run.results()["models"].get("hawq", {}).get(paper.get("metric", ctx.task.metric))
+        theirs = (paper.get("hawq_v2") or {}).get("value")
+        delta = None if ours is None or theirs is None else round(ours - theirs, 3)
+        ctx.run.update_results(paper=paper, delta_vs_paper=delta)
     stage_report(ctx)
     return ctx.run.results()

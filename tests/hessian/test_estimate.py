@@ -226,3 +226,24 @@ def test_op_without_double_backward_is_named_and_falls_back():
     with pytest.warns(UserWarning, match="fell back to exact"):
         r = estimate_traces(model, [(x, y)], progress=False)
     assert r.method == "exact"
+
+
+def test_too_big_a_chunk_is_a_value_error_suggesting_a_smaller_one(tiny_cnn_case, monkeypatch):
+    import hawq.hessian.estimate as E
+
+    model, x, y = tiny_cnn_case
+    monkeypatch.setattr(E, "available_memory_bytes", lambda: 10_000)
+    with pytest.raises(ValueError, match=r"pass chunk_size=\d+"):
+        estimate_traces(model, [(x, y)], method="exact", progress=False)
+
+
+def test_weights_hash_sees_weights_buffers_and_layers(tiny_cnn_case):
+    model, _, _ = tiny_cnn_case
+    h = weights_hash(model)
+    assert weights_hash(model, ["conv1"]) != h
+    model.bn1.running_mean.add_(1.0)
+    h2 = weights_hash(model)
+    assert h2 != h
+    with torch.no_grad():
+        model.fc.weight[0, 0] += 1e-6
+    assert weights_hash(model) != h2

@@ -180,9 +180,11 @@ def make_detection_set(
     return paths
 
 
-def make_tiny_detection_set(out_dir: str | os.PathLike, seed: int = 0) -> DetectionSetPaths:
+def make_tiny_detection_set(
+    out_dir: str | os.PathLike, fmnist_dir: str | os.PathLike | None = None, seed: int = 0
+) -> DetectionSetPaths:
     """A few images for tests (6 train, 4 val, 64 px canvas)."""
-    return make_detection_set(out_dir, n_train=6, n_val=4, canvas=64, scale=(0.6, 1.4), seed=seed)
+    return make_detection_set(out_dir, fmnist_dir, n_train=6, n_val=4, canvas=64, scale=(0.6, 1.4), seed=seed)
 
 
 

@@ -4,7 +4,6 @@ Weights: a `hawq::WeightQ` node becomes DequantizeLinear(levels, scales, axis=0)
 initializer (1-2 bits in INT2, 3-4 in INT4, 5-8 in INT8; packed two or four per byte, first element in
 the low bits, as the ONNX spec stores sub-byte types). No zero point is stored: the grid is symmetric.
 
-
 Activations: a `hawq::ActQ` node becomes [Clip] -> QuantizeLinear -> DequantizeLinear holding the layer's
 unsigned grid 0..2^b-1 (scale, zero point) in a UINT8 container, preceded by a Clip to the grid's range
 when the grid is smaller than the container (QuantizeLinear only saturates to its type's range).
@@ -13,7 +12,8 @@ instead: onnxruntime 1.32 fuses DQ(x) -> Conv/Gemm(DQ(w)) -> Q into QLinearConv/
 output types match, without checking for INT2 weights that those kernels reject (the session then fails
 to load); it never fuses 16-bit activations on the CPU. (Dequantizing INT2 by Cast + Mul instead is
 worse: it constant-folds them to float and re-quantizes that float weight per tensor, changing the
-numbers.)
+numbers. The same re-quantization hits a float-weight layer whose input is quantized: keep such layers'
+inputs in float too, or expect small differences from PyTorch.)
 
 Batch norm: y = k * (conv(x, W) + b - mean) + beta with k = gamma / sqrt(var + eps). For a quantized
 weight W = levels * s we fold k into the DequantizeLinear scale (s' = s * |k|, levels' = levels * sign(k))
@@ -154,6 +154,21 @@ class _Graph:
                 break
             self.nodes = [n for n in self.nodes if n not in dead]
             live = _names_used(self.nodes) | self.outputs
+        # Intermediate values get short names (node names keep the module scope): the exporter's names
+        # are ~12 KB of a 200 KB ResNet-20.
+        keep = self.outputs | {i.name for i in g.input} | set(self.inits)
+        has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                            for n in self.nodes for a in n.attribute)  # they may read outer names
+        short: dict[str, str] = {}
+        for n in self.nodes:
+            n.ClearField("doc_string")
+            for i, name in enumerate(n.output):
+                if has_subgraphs:
+                    break
+                if name and name not in keep:
+                    short[name] = n.output[i] = f"t{len(short)}"
+            for i, name in enumerate(n.input):
+                n.input[i] = short.get(name, name)
         g.ClearField("node")
         g.node.extend(self.nodes)
         g.ClearField("initializer")

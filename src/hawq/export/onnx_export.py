@@ -4,8 +4,8 @@ The model is traced by PyTorch's TorchScript ONNX exporter through its export vi
 placeholders are then lowered to DequantizeLinear over INT8 / INT4 / INT2 initializers and to
 [Clip] -> QuantizeLinear -> DequantizeLinear on layer inputs (`_graph.py`); batch norm is folded into the
 preceding convolution. The opset is the lowest that holds the plan's weight types: 13 when every weight
-has 5-8 bits (INT8), 21 when one has 3-4 bits (INT4), 25 when one has 1-2 bits (INT2). `onnx.checker` runs on the result, and onnxruntime's
-logits on the example input are compared with the PyTorch model's.
+has 5-8 bits (INT8), 21 when one has 3-4 bits (INT4), 25 when one has 1-2 bits (INT2). `onnx.checker`
+runs on the result, and onnxruntime's logits on the example input are compared with the PyTorch model's.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ExportReport:
     opset: int
     file_size_bytes: int
     layers: tuple[LayerExport, ...]
-    n_float_bn_folded: int  # batch norms folded into convolutions left in float
+    n_float_bn_folded: int  # batch norms hawq folded into float convolutions (the exporter folds most)
     example_max_abs_diff: float  # onnxruntime vs PyTorch logits on the example input
     example_top1_agreement: float
 
@@ -84,7 +84,8 @@ def _trace(view: nn.Module, example_input: Tensor, opset: int) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            view, (example_input,), buf, dynamo=False, opset_version=opset, do_constant_folding=True, autograd_inlining=False,
+            view, (example_input,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
+            autograd_inlining=False,  # else the marks' forward is traced as a subgraph, which fails
             input_names=["input"], output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )

@@ -13,8 +13,9 @@ The dense form is what `hawq.calibrate_`, `layer_macs`, the Hessian traces and e
 Hutchinson probes with true Hessian-vector products apply (the Gauss-Newton identity of DESIGN.md holds for
 cross-entropy only). The box loss is smooth L1 (beta 1, i.e. quadratic for the small deltas of a trained
 model), not torchvision's default L1: L1 after a ReLU network has a zero Hessian almost everywhere, so
-every regression-head trace would be 0 and HAWQ would think those layers free to quantize. Labels are 1..10 as `hawq.data.coco` gives them; class 0 is unused (torchvision's
-convention of a background slot), so `num_classes = 11`.
+every regression-head trace would be 0 and HAWQ would think those layers free to quantize.
+Labels are 1..10 as `hawq.data.coco` gives them; class 0 is unused (torchvision's convention of a
+background slot), so `num_classes = 11`.
 """
 
 from __future__ import annotations
@@ -70,6 +71,27 @@ class DetectorConfig:
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """The default detection run, measured to fit 20 minutes on 2 CPU cores (see bench/detection.py)."""
+
+    n_train: int = 2000
+    n_val: int = 500
+    batch_size: int = 32
+    epochs: int = 16
+    lr: float = 2e-3
+    flip: bool = True
+    ft_epochs: int = 2
+    ft_lr: float = 2e-4
+    trace_images: int = 512
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+TRAIN_DEFAULTS = TrainDefaults()
 
 
 class TinyBackbone(nn.Module):

@@ -7,11 +7,13 @@ images; fine-tuning can distil from the full-precision model (Hinton et al. 2015
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from hawq.data.fashion_mnist import TensorDataset, batches
@@ -38,17 +40,29 @@ class TrainConfig:
         return dict(self.__dict__)
 
 
-def _epoch_stream(data: TensorDataset, cfg: TrainConfig):
+def _loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
+                      num_workers=min(4, os.cpu_count() or 1), persistent_workers=False)
+
+
+def _epoch_stream(data: TensorDataset | Dataset, cfg: TrainConfig):
+    """Endless (inputs, labels) batches: in-memory tensors, or any map-style Dataset through a DataLoader
+    (its own transforms augment, e.g. ImageNet's random crops)."""
     epoch = 0
+    drop_last = len(data) >= cfg.batch_size  # a last batch of one breaks batch norm
     while True:
-        yield from batches(data, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch, augment=True,
-                           drop_last=len(data) >= cfg.batch_size)
+        seed = cfg.seed * 1000 + epoch
+        if isinstance(data, TensorDataset):
+            yield from batches(data, cfg.batch_size, shuffle=True, seed=seed, augment=True, drop_last=drop_last)
+        else:
+            yield from _loader(data, cfg.batch_size, True, seed, drop_last)
         epoch += 1
 
 
 def train(
     model: nn.Module,
-    data: TensorDataset,
+    data: TensorDataset | Dataset,
     cfg: TrainConfig,
     *,
     teacher: nn.Module | None = None,
@@ -102,14 +116,18 @@ def train(
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 1000, progress: bool = False) -> float:
+def evaluate(model: nn.Module, data: TensorDataset | Dataset, batch_size: int = 1000, progress: bool = False) -> float:
     """Top-1 accuracy in percent."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     correct = 0
-    for x, y in tqdm(batches(data, batch_size), total=math.ceil(len(data) / batch_size), desc="eval",
-                     disable=not progress, leave=False):
+    if isinstance(data, TensorDataset):
+        stream, total = batches(data, batch_size), math.ceil(len(data) / batch_size)
+    else:
+        stream = _loader(data, min(batch_size, 128), False, 0, False)
+        total = len(stream)
+    for x, y in tqdm(stream, total=total, desc="eval", disable=not progress, leave=False):
         correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
     model.train(was_training)
     return 100.0 * correct / len(data)
