@@ -44,8 +44,8 @@ def test_recipe_sets_defaults_and_records_the_paper(tmp_path):
     recipe = json.loads(open("configs/resnet50_imagenet.json").read())
     out = tmp_path / "run"
     args = ["run", "--quiet", "--recipe", "configs/resnet50_imagenet.json", "--data-dir", str(tree),
-            "--device", "cpu", "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--lr", "0.01", "--ft-images", "8",
-            "--ft-batch-size" if False else "--baselines", "4", "--trace-max-images", "8", "--budget-bits", "3",
+            "--device", "cpu", "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--lr", "0.01",
+            "--ft-images", "8", "--baselines", "4", "--trace-max-images", "8", "--budget-bits", "3",
             "--out", str(out)]
     assert main(args) == 0
     cfg = json.loads((out / "config.json").read_text())
