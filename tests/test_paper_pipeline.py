@@ -56,3 +56,29 @@ def test_recipe_sets_defaults_and_records_the_paper(tmp_path):
     assert res["paper"]["hawq_v2"]["value"] == recipe["paper"]["hawq_v2"]["value"]
     assert res["delta_vs_paper"] == pytest.approx(res["models"]["hawq"]["top1"] - recipe["paper"]["hawq_v2"]["value"],
                                                   abs=1e-3)
+
+
+def coco_tree(root, n_images=4, size=64):
+    from hawq.data.coco import write_synthetic_coco
+
+    for split, seed in (("train", 0), ("val", 1)):
+        images, ann = write_synthetic_coco(root / f"_{split}", n_images=n_images, image_size=size, n_classes=2,
+                                           seed=seed)
+        images.rename(root / split)
+        ann.rename(root / f"{split}.json")
+    return root
+
+
+def test_retinanet_on_coco_runs_every_stage(tmp_path):
+    tree = coco_tree(tmp_path / "coco")
+    out = tmp_path / "run"
+    args = ["run", "--quiet", "--task", "detection", "--dataset", "coco", "--model", "retinanet_resnet50_fpn",
+            "--data-dir", str(tree), "--image-size", "64", "--epochs", "1", "--batch-size", "2", "--lr", "1e-4",
+            "--ft-images", "2", "--baselines", "4", "--trace-max-images", "2", "--out", str(out)]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["metric"] == "map50" and {"fp32", "hawq", "uniform4"} <= set(res["models"])
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["layers"]["backbone.body.conv1"]["w_bits"] == 8
+    assert len(plan["layers"]) > 60  # every conv of ResNet-50, the FPN and the heads
+    assert json.loads((out / "traces.json").read_text())["method"] == "hutchinson"

@@ -67,7 +67,8 @@ class DetectionTask:
             load_state_into(model, cfg.checkpoint)
             return model.to(cfg.device).eval(), {"source": f"checkpoint {cfg.checkpoint}"}
         epochs = 1 if cfg.quick else cfg.epochs
-        ident = {"task": "detection", "model": cfg.model, "n_train": len(data.train), "epochs": epochs,
+        ident = {"task": "detection", "model": cfg.model, "dataset": cfg.dataset, "image_size": cfg.image_size,
+                 "n_train": len(data.train), "epochs": epochs,
                  "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "algo": 1}
         key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
         cached = cache_dir() / "fp32" / f"{cfg.model}-detection-{key}.pt"

@@ -45,6 +45,10 @@ from hawq.runfolder import RunFolder
 
 def get_task(cfg: RunConfig):
     """The task object behind the stages (data, model, training, scoring, the loss of the traces)."""
+    if cfg.task == "detection" and cfg.dataset == "coco":
+        from hawq.coco_task import CocoTask
+
+        return CocoTask()
     if cfg.task == "detection":
         from hawq.detection import DetectionTask
 

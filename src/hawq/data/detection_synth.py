@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import encode_png
 
 from hawq.data.coco import CocoDetection
 from hawq.data.fashion_mnist import CLASSES, FILES, find_data_dir, read_idx
@@ -133,7 +133,7 @@ def _make_split(
                 "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
             })
         name = f"{image_id - 1:06d}.png"
-        (img_dir / name).write_bytes(encode_png(torch.from_numpy(canvas)[None]).numpy().tobytes())
+        Image.fromarray(canvas, mode="L").save(img_dir / name, format="PNG")
         images.append({"id": image_id, "file_name": name, "width": spec.canvas, "height": spec.canvas})
     return {"images": images, "annotations": annotations}
 
