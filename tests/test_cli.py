@@ -138,3 +138,14 @@ def test_joint_weight_and_activation_allocation_under_bops(fake_fmnist, tmp_path
     omega = sens["activation_omega"]["conv2"]
     assert omega["4"] > omega["8"] >= 0
     assert "bops_points" in json.loads((out / "frontier.json").read_text())
+
+
+def test_export_writes_checked_onnx_and_reports_sizes(quick_run, capsys):
+    out, _ = quick_run
+    assert main(["export", "--quiet", "--out", str(out)]) == 0
+    assert (out / "model.onnx").exists()
+    res = json.loads((out / "results.json").read_text())
+    exp = res["export"]
+    assert exp["verify"]["top1_agreement"] >= 0.999
+    assert exp["size"]["file_size_bytes"] == (out / "model.onnx").stat().st_size
+    assert "Exported model" in (out / "report.md").read_text()

@@ -142,6 +142,10 @@ class ClassificationTask:
     def calibration_batches(self, data: ClassificationData):
         return batches(data.train, 256)
 
+    def export_batches(self, data: ClassificationData):
+        """(inputs, labels) on which the exported model is checked against PyTorch: the test set."""
+        return batches(data.test, 500)
+
     def finetune(self, model: nn.Module, data: ClassificationData, cfg: RunConfig, n_images: int,
                  teacher: nn.Module | None, progress: bool, desc: str) -> dict:
         tcfg = TrainConfig(n_images=n_images, batch_size=cfg.ft_batch_size, lr=cfg.ft_lr, weight_decay=1e-4,

@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _run_options(p)
     for name, help_ in (("trace", "estimate per-layer Hessian traces"), ("report", "write report.md and figures"),
-                        ("evaluate", "evaluate the fine-tuned models again")):
+                        ("evaluate", "evaluate the fine-tuned models again"),
+                        ("export", "export the fine-tuned plan to ONNX (packed INT8/INT4/INT2) and check it")):
         _common(sub.add_parser(name, help=help_))
     # stage commands change only the options given on their command line
     p = sub.add_parser("allocate", help="sensitivity, Pareto frontier and the best plan under the budget",
@@ -197,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             pipeline.stage_finetune(ctx, data)
         elif args.cmd == "evaluate":
             pipeline.stage_evaluate(ctx, data)
+        elif args.cmd == "export":
+            pipeline.stage_export(ctx, data)
+            pipeline.stage_report(ctx)
         elif args.cmd == "report":
             pipeline.stage_report(ctx)
         return 0

@@ -79,3 +79,6 @@ class ImageFolderTask(ClassificationTask):
 
     def calibration_batches(self, data: ImageFolderData):
         return DataLoader(data.trace, batch_size=32, num_workers=2)
+
+    def export_batches(self, data: ImageFolderData):
+        return DataLoader(data.test, batch_size=64, num_workers=2)

@@ -343,6 +343,26 @@ def stage_evaluate(ctx: Context, data: Any) -> dict:
     return out
 
 
+def stage_export(ctx: Context, data: Any) -> dict:
+    """The fine-tuned HAWQ plan as QDQ ONNX (packed INT8/INT4/INT2 weights), checked in onnxruntime."""
+    from hawq.export import export_onnx, size_breakdown, verify_onnx
+
+    t0 = time.perf_counter()
+    fp32 = load_fp32(ctx)
+    plan = plans_to_compare(ctx)["hawq"]
+    qmodel = load_finetuned(ctx, fp32, "hawq", plan).cpu().eval()
+    example = ctx.task.example_input(data).cpu()
+    report = export_onnx(qmodel, ctx.run.path("model.onnx"), example)
+    verified = verify_onnx(report.path, qmodel, ctx.task.export_batches(data), progress=ctx.progress)
+    sizes = size_breakdown(report.path)
+    out = {**report.to_dict(), "verify": verified.to_dict(), "size": sizes, "computed_size_bytes": plan.size_bytes}
+    ctx.run.update_results(stage="export", wall_s=time.perf_counter() - t0, export=out)
+    top1 = "" if verified.onnx_top1 is None else f", onnxruntime top-1 {100 * verified.onnx_top1:.2f}%"
+    ctx.log(f"export: {report.path} ({sizes['file_size_bytes']} bytes, allocator {plan.size_bytes:.0f} bytes); "
+            f"top-1 agreement {100 * verified.top1_agreement:.2f}%{top1}")
+    return out
+
+
 def stage_report(ctx: Context) -> Path:
     from hawq.report import write_report
 

@@ -21,6 +21,7 @@ background slot), so `num_classes = 11`.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -264,7 +265,7 @@ def train_detector(
 def evaluate_map(
     model: nn.Module,
     loader: Iterable[tuple[Tensor, list[Target]]],
-    coco_gt_json: str | Any | None = None,
+    coco_gt_json: str | os.PathLike | Any | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
     """COCO box AP of `model` over `loader`: {"map": AP@[.50:.95], "map50": AP@.50, "n_images"}.
@@ -277,8 +278,7 @@ def evaluate_map(
         coco_gt_json = getattr(dataset, "coco", None)
         if coco_gt_json is None:
             raise ValueError("pass coco_gt_json: the loader's dataset holds no COCO annotations")
-    coco_gt = load_coco(coco_gt_json) if isinstance(coco_gt_json, (str, bytes)) or hasattr(
-        coco_gt_json, "__fspath__") else coco_gt_json
+    coco_gt = load_coco(coco_gt_json) if isinstance(coco_gt_json, (str, os.PathLike)) else coco_gt_json
     label_to_cat = {i + 1: c for i, c in enumerate(sorted(coco_gt.getCatIds()))}
     return coco_map(model, loader, coco_gt, label_to_cat=label_to_cat, progress=progress)
 
