@@ -7,14 +7,16 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from hawq.config import RunConfig
 from hawq.data.fashion_mnist import TensorDataset, batches, load_split
+from hawq.distributed import rank, world_size, wrap_ddp
 from hawq.io import load_torch, save_torch
 from hawq.models import create_model
 from hawq.train import TrainConfig, evaluate, train
@@ -93,9 +95,27 @@ def full_precision_model(
             print(f"hawq: ignoring the cached model ({e}); training again", file=sys.stderr)
             model = build(cfg)
     model.to(cfg.device)
-    stats = train(model, data.train, tcfg, progress=progress, desc="train fp32")
+    stats = train_data_parallel(model, data.train, tcfg, progress=progress, desc="train fp32")
     save_torch(cached, {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": tcfg.to_dict()})
     return model.eval(), {"source": "trained", "cache_key": key, "train": tcfg.to_dict(), **stats}
+
+
+def train_data_parallel(model: nn.Module, data, tcfg: TrainConfig, *, teacher: nn.Module | None = None,
+                        progress: bool = True, desc: str = "train") -> dict:
+    """`train` on one process, or DistributedDataParallel over a torchrun group: each rank trains on its
+    own slice of the data and of the images (gradients are averaged, so the global batch is W times larger)."""
+    w = world_size()
+    if w == 1:
+        return train(model, data, tcfg, teacher=teacher, progress=progress, desc=desc)
+    r = rank()
+    if isinstance(data, TensorDataset):
+        part = TensorDataset(data.images[r::w], data.labels[r::w])
+    else:
+        part = Subset(data, list(range(r, len(data), w)))
+    local = replace(tcfg, n_images=max(1, tcfg.n_images // w), seed=tcfg.seed * 1000 + r)
+    stats = train(wrap_ddp(model), part, local, teacher=teacher, progress=progress and r == 0, desc=desc)
+    model.eval()
+    return stats
 
 
 def clone(model: nn.Module) -> nn.Module:
@@ -150,5 +170,5 @@ class ClassificationTask:
                  teacher: nn.Module | None, progress: bool, desc: str) -> dict:
         tcfg = TrainConfig(n_images=n_images, batch_size=cfg.ft_batch_size, lr=cfg.ft_lr, weight_decay=1e-4,
                            seed=cfg.seed, distill_temperature=4.0 if teacher is not None else None)
-        train(model, data.train, tcfg, teacher=teacher, progress=progress, desc=desc)
-        return tcfg.to_dict()
+        train_data_parallel(model, data.train, tcfg, teacher=teacher, progress=progress, desc=desc)
+        return {**tcfg.to_dict(), "processes": world_size()}

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -168,48 +169,61 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from hawq import pipeline  # imported late: `hawq --help` stays fast
+    from hawq.distributed import cleanup, init_from_env, is_main
 
     progress = not args.quiet
     try:
-        if args.cmd in ("run", "train"):
-            kwargs = _to_config_kwargs(args)
-            recipe = None
-            if args.recipe is not None:
-                recipe = load_recipe(args.recipe)
-                given = _explicit_keys(argv if argv is not None else sys.argv[1:])
-                kwargs = {**recipe["config"], **{k: v for k, v in kwargs.items() if k in given}}
-                kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-            cfg = RunConfig(**kwargs)
-            if args.cmd == "run":
-                res = pipeline.run_all(cfg, args.out, progress, paper=None if recipe is None else recipe.get("paper"))
-                if not args.quiet:
-                    print(f"done: {args.out}/report.md (total {res.get('total_wall_s', 0):.0f} s)")
-            else:
-                ctx, data = pipeline.prepare(cfg, args.out, progress)
-                pipeline.stage_fp32(ctx, data)
-            return 0
-        overrides = _to_config_kwargs(args) if args.cmd in ("allocate", "finetune") else {}
-        ctx, data = pipeline.open_run(args.out, progress, **overrides)
-        if args.cmd == "trace":
-            pipeline.stage_trace(ctx, data)
-        elif args.cmd == "allocate":
-            pipeline.stage_allocate(ctx, data)
-        elif args.cmd == "finetune":
-            pipeline.stage_finetune(ctx, data)
-        elif args.cmd == "evaluate":
-            pipeline.stage_evaluate(ctx, data)
-        elif args.cmd == "export":
-            pipeline.stage_export(ctx, data)
-            pipeline.stage_report(ctx)
-        elif args.cmd == "report":
-            pipeline.stage_report(ctx)
-        return 0
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: join the process group
+            requested = getattr(args, "device", None) or "cpu"
+            info = init_from_env("cuda" if requested.startswith("cuda") else "cpu")
+            if getattr(args, "device", None) is not None:
+                args.device = info.device
+            progress = progress and is_main()
+        return _dispatch(args, argv, pipeline, progress)
     except ValueError as e:
-        print(f"hawq: error: {e}", file=sys.stderr)
+        print(f"hawq: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hawq: interrupted; finished artifacts are kept, rerun the same command to continue", file=sys.stderr)
         return 130
+    finally:
+        cleanup()
+
+
+def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None, pipeline, progress: bool) -> int:
+    if args.cmd in ("run", "train"):
+        kwargs = _to_config_kwargs(args)
+        recipe = None
+        if args.recipe is not None:
+            recipe = load_recipe(args.recipe)
+            given = _explicit_keys(argv if argv is not None else sys.argv[1:])
+            kwargs = {**recipe["config"], **{k: v for k, v in kwargs.items() if k in given}}
+            kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+        cfg = RunConfig(**kwargs)
+        if args.cmd == "run":
+            res = pipeline.run_all(cfg, args.out, progress, paper=None if recipe is None else recipe.get("paper"))
+            if not args.quiet and os.environ.get("RANK", "0") == "0":
+                print(f"done: {args.out}/report.md (total {res.get('total_wall_s', 0):.0f} s)")
+        else:
+            ctx, data = pipeline.prepare(cfg, args.out, progress)
+            pipeline.stage_fp32(ctx, data)
+        return 0
+    overrides = _to_config_kwargs(args) if args.cmd in ("allocate", "finetune") else {}
+    ctx, data = pipeline.open_run(args.out, progress, **overrides)
+    if args.cmd == "trace":
+        pipeline.stage_trace(ctx, data)
+    elif args.cmd == "allocate":
+        pipeline.stage_allocate(ctx, data)
+    elif args.cmd == "finetune":
+        pipeline.stage_finetune(ctx, data)
+    elif args.cmd == "evaluate":
+        pipeline.stage_evaluate(ctx, data)
+    elif args.cmd == "export":
+        pipeline.stage_export(ctx, data)
+        pipeline.stage_report(ctx)
+    elif args.cmd == "report":
+        pipeline.stage_report(ctx)
+    return 0
 
 
 if __name__ == "__main__":

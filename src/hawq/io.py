@@ -13,7 +13,16 @@ import torch
 ARTIFACT_VERSION = 1
 
 
+def writes_here() -> bool:
+    """False on every rank but 0 of a torch.distributed run: only rank 0 writes artifacts."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    if not writes_here():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -61,6 +70,8 @@ def read_json(path: str | os.PathLike, kind: str) -> dict[str, Any]:
 def save_torch(path: str | os.PathLike, obj: Any) -> Path:
     """torch.save through a temporary file and a rename."""
     path = Path(path)
+    if not writes_here():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

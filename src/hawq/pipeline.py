@@ -37,6 +37,7 @@ from hawq.alloc import (
 )
 from hawq.classification import ClassificationTask
 from hawq.config import RunConfig
+from hawq.distributed import barrier, distributed_traces, world_size
 from hawq.hessian import estimate_activation_traces, estimate_traces, weights_hash
 from hawq.io import read_json, save_torch, write_json
 from hawq.quant import calibrate_, quantize_
@@ -194,10 +195,13 @@ def stage_trace(ctx: Context, data: Any, model: nn.Module | None = None) -> dict
             ctx.log("traces: reusing traces.json (same weights, data and settings)")
             return old
     partial = ctx.run.path("traces.partial.pt")  # running sums: an interrupted estimation resumes here
-    result = estimate_traces(model, ctx.task.trace_batches(cfg, data), method=cfg.trace_method,
-                             loss=ctx.task.trace_loss(model), rel_tol=cfg.trace_rel_tol,
-                             max_images=trace_max_images(cfg), seed=cfg.seed, progress=ctx.progress,
-                             diagonal=settings["diagonal"], state_path=partial)
+    kwargs = dict(method=cfg.trace_method, loss=ctx.task.trace_loss(model), rel_tol=cfg.trace_rel_tol,
+                  max_images=trace_max_images(cfg), seed=cfg.seed, progress=ctx.progress,
+                  diagonal=settings["diagonal"])
+    if world_size() > 1:  # each rank estimates on its share of the batches; pooled on every rank
+        result = distributed_traces(model, ctx.task.trace_batches(cfg, data), **kwargs)
+    else:
+        result = estimate_traces(model, ctx.task.trace_batches(cfg, data), state_path=partial, **kwargs)
     bad = [lt.fqn for lt in result.layers if not math.isfinite(lt.trace)]
     if bad:
         raise ValueError(f"the traces of {len(bad)} layers ({', '.join(bad[:3])}...) are not finite: the model's "
@@ -214,7 +218,8 @@ def stage_trace(ctx: Context, data: Any, model: nn.Module | None = None) -> dict
     if getattr(result, "diagonals", None):
         save_torch(ctx.run.path("diagonals.pt"), result.diagonals)
     write_json(path, "traces", payload)
-    partial.unlink(missing_ok=True)
+    if world_size() == 1:
+        partial.unlink(missing_ok=True)
     worst = max(lt.stderr / abs(lt.trace) if lt.trace else float("inf") for lt in result.layers)
     ctx.log(f"traces: {len(result.layers)} layers by {result.method} on {result.n_images} images "
             f"(largest relative standard error {100 * worst:.1f}%)")
@@ -378,10 +383,15 @@ def run_all(cfg: RunConfig, out: str | Path, progress: bool = True, paper: dict 
     numbers, compared in results.json with what this run measured."""
     t0 = time.perf_counter()
     ctx, data = prepare(cfg, out, progress)
+    barrier()
     model = stage_fp32(ctx, data)
+    barrier()
     stage_trace(ctx, data, model)
+    barrier()
     stage_allocate(ctx, data, model)
+    barrier()
     stage_finetune(ctx, data, model)
+    barrier()
     ctx.run.update_results(total_wall_s=round(time.perf_counter() - t0, 2))
     if paper:
         ours = ctx.run.results()["models"].get("hawq", {}).get(paper.get("metric", ctx.task.metric))
