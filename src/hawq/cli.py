@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     for name, help_ in (("trace", "estimate per-layer Hessian traces"), ("report", "write report.md and figures"),
                         ("evaluate", "evaluate the fine-tuned models again"),
-                        ("export", "export the fine-tuned plan to ONNX (packed INT8/INT4/INT2) and check it")):
+                        ("export", "the fine-tuned plan as ONNX (INT8/INT4/INT2, bit-packed 3/5/6/7), checked")):
         _common(sub.add_parser(name, help=help_))
     # stage commands change only the options given on their command line
     p = sub.add_parser("allocate", help="sensitivity, Pareto frontier and the best plan under the budget",

@@ -349,7 +349,7 @@ def stage_evaluate(ctx: Context, data: Any) -> dict:
 
 
 def stage_export(ctx: Context, data: Any) -> dict:
-    """The fine-tuned HAWQ plan as QDQ ONNX (packed INT8/INT4/INT2 weights), checked in onnxruntime."""
+    """The fine-tuned HAWQ plan as QDQ ONNX (INT8/INT4/INT2 or bit-packed weights), checked in onnxruntime."""
     from hawq.export import export_onnx, size_breakdown, verify_onnx
 
     t0 = time.perf_counter()

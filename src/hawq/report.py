@@ -176,7 +176,8 @@ def _export_section(exp: dict, plan: dict | None) -> list[str]:
         lines[-1] += (f" Accuracy: onnxruntime {100 * v['onnx_top1']:.2f}%, PyTorch {100 * v['torch_top1']:.2f}%.")
     lines += ["", "| part of the file | bytes |", "|---|---|"]
     for key, label in (("int_weight_bytes", "packed integer weights"),
-                       ("container_padding_bytes", "of which padding (3-bit in INT4, 5-7-bit in INT8)"),
+                       ("container_padding_bytes", "of which padding (whole bytes per layer, 1-bit in INT2)"),
+                       ("packed_weight_bytes", "of which bit-packed 3/5/6/7-bit (decoded in the graph)"),
                        ("scale_bytes", "per-channel scales (float32)"), ("zero_point_bytes", "zero points"),
                        ("float_param_bytes", "float parameters (biases, folded batch norm)"),
                        ("protobuf_overhead_bytes", "graph structure and metadata")):

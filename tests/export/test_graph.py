@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hawq.export._graph import pack_bits
+from hawq.export._pack import pack_bits
 
 
 def _unpack(data: bytes, bits: int, n: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -12,10 +13,11 @@ import torch
 from torch import nn
 
 import hawq
-from hawq.export import export_onnx, run_onnx, size_breakdown
+from hawq.export import export_onnx, layer_levels, run_onnx, size_breakdown
 
-WEIGHT_TYPE = {1: "INT2", 2: "INT2", 3: "INT4", 4: "INT4", 5: "INT8", 8: "INT8"}
-OPSET = {"INT2": 25, "INT4": 21, "INT8": 13}
+WEIGHT_TYPE = {1: "INT2", 2: "INT2", 3: "PACKED3", 4: "INT4", 5: "PACKED5", 6: "PACKED6", 7: "PACKED7", 8: "INT8"}
+STORED_TYPE = {"INT2": "INT2", "INT4": "INT4", "INT8": "INT8"}  # else UINT8 bytes
+OPSET = {"INT2": 25, "INT4": 21}  # else 13
 
 
 def _torch_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -47,7 +49,12 @@ def test_tiny_round_trip(quantized, tmp_path) -> None:
     assert type(report).from_dict(report.to_dict()) == report
 
 
-@pytest.mark.parametrize("w_bits", [1, 2, 3, 4, 5, 8])
+def _weight_initializers(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    names = {v[3] for v in json.loads(proto.metadata_props[0].value).values() if v[3] is not None}
+    return [t for t in proto.graph.initializer if t.name in names]
+
+
+@pytest.mark.parametrize("w_bits", range(1, 9))
 @pytest.mark.parametrize("a_bits", [None, 4, 8])
 def test_every_bit_width_exports_and_matches(quantized, tmp_path, w_bits, a_bits) -> None:
     model, x = quantized("tiny_cnn", {"re:.*": {"w_bits": w_bits, "a_bits": a_bits}}, seed=w_bits)
@@ -55,42 +62,66 @@ def test_every_bit_width_exports_and_matches(quantized, tmp_path, w_bits, a_bits
     report = export_onnx(model, path, x[:2])
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
-    assert report.opset == OPSET[WEIGHT_TYPE[w_bits]]
-    weights = [t for t in proto.graph.initializer if t.name.endswith(".weight_quantized")]
-    assert {onnx.TensorProto.DataType.Name(t.data_type) for t in weights} == {WEIGHT_TYPE[w_bits]}
+    w_type = WEIGHT_TYPE[w_bits]
+    assert report.opset == OPSET.get(w_type, 13)
+    assert {layer.w_type for layer in report.layers} == {w_type}
+    weights = _weight_initializers(proto)
+    assert len(weights) == 3
+    assert {onnx.TensorProto.DataType.Name(t.data_type) for t in weights} == {STORED_TYPE.get(w_type, "UINT8")}
+    assert len(proto.functions) == (w_type.startswith("PACKED"))
     ref, out = _torch_logits(model, x), run_onnx(path, x.numpy())
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
     assert (out.argmax(1) == ref.argmax(1)).all()
 
 
-def test_stored_levels_are_the_fake_quant_levels(quantized, tmp_path) -> None:
-    """Unpacking conv2's INT4 initializer and scales gives back the fake-quant weight exactly."""
-    model, x = quantized("tiny_cnn", {"conv2": {"w_bits": 3, "a_bits": None}})
+def _onnxruntime_weights(path, proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The dequantized weights as onnxruntime computes them: every DequantizeLinear output made a graph output."""
+    import onnxruntime as ort
+
+    names = [n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    return dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: x}), strict=True))
+
+
+@pytest.mark.parametrize("w_bits", range(1, 9))
+def test_stored_levels_are_the_fake_quant_levels(quantized, tmp_path, w_bits) -> None:
+    """Levels x scales read back from the file, in numpy and in onnxruntime, are the fake-quant weights exactly."""
+    model, x = quantized("tiny_cnn", {"conv2": {"w_bits": w_bits, "a_bits": None},
+                                      "fc": {"w_bits": w_bits, "a_bits": None}}, seed=10 + w_bits)
     export_onnx(model, tmp_path / "m.onnx", x[:2])
-    inits = {t.name: t for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
-    t = inits["conv2.weight_quantized"]
-    raw = np.frombuffer(t.raw_data, np.uint8)
-    nibbles = np.stack([raw & 0xF, raw >> 4], axis=1).reshape(-1)[: int(np.prod(t.dims))].astype(np.int8)
-    levels = np.where(nibbles >= 8, nibbles - 16, nibbles).reshape(tuple(t.dims))
-    scales = onnx.numpy_helper.to_array(inits["conv2.weight_scale"])
-    expected = hawq.quant.fake_quant_weight(model.conv2.weight.detach(), 3).numpy()
-    np.testing.assert_array_equal(levels * scales.reshape(-1, 1, 1, 1), expected)
-    assert np.abs(levels).max() <= 3
+    stored = layer_levels(tmp_path / "m.onnx")
+    assert set(stored) == {"conv2", "fc"}
+    by_ort = _onnxruntime_weights(tmp_path / "m.onnx", onnx.load(str(tmp_path / "m.onnx")))
+    for fqn, (levels, scales) in stored.items():
+        w = model.get_submodule(fqn).weight.detach()
+        expected_levels, expected_scales = hawq.quant.weight_to_int(w, w_bits)
+        np.testing.assert_array_equal(levels, expected_levels.numpy())
+        np.testing.assert_array_equal(scales, expected_scales.numpy())
+        expected = hawq.quant.fake_quant_weight(w, w_bits).numpy()
+        np.testing.assert_array_equal(levels * scales.reshape(-1, *[1] * (levels.ndim - 1)), expected)
+        assert any(np.array_equal(v, expected) for v in by_ort.values()), f"{fqn}: onnxruntime's weight differs"
+        assert np.abs(levels).max() <= max(1, 2 ** (w_bits - 1) - 1)
 
 
-def test_weights_are_stored_packed(quantized, tmp_path) -> None:
-    sizes = {}
-    for bits in (8, 4, 2):
-        model, x = quantized("tiny_cnn", {"re:.*": {"w_bits": bits, "a_bits": None}})
-        sizes[bits] = size_breakdown(export_onnx(model, tmp_path / f"m{bits}.onnx", x[:1]).path)
-    n_params = sum(m.weight.numel() for m in hawq.quant.quant_layers(model).values())
-    for bits, parts in sizes.items():
-        # every layer's levels round up to whole bytes separately
-        assert n_params * bits / 8 <= parts["int_weight_bytes"] <= n_params * bits / 8 + 3
-        assert parts["container_padding_bytes"] == parts["int_weight_bytes"] - n_params * bits / 8
-        assert sum(parts[k] for k in ("int_weight_bytes", "scale_bytes", "zero_point_bytes",
-                                      "float_param_bytes", "protobuf_overhead_bytes")) == parts["file_size_bytes"]
-    assert sizes[8]["file_size_bytes"] > sizes[4]["file_size_bytes"] > sizes[2]["file_size_bytes"]
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_weights_are_stored_packed(quantized, tmp_path, bits) -> None:
+    model, x = quantized("tiny_cnn", {"re:.*": {"w_bits": bits, "a_bits": None}})
+    parts = size_breakdown(export_onnx(model, tmp_path / "m.onnx", x[:1]).path)
+    sizes = [m.weight.numel() for m in hawq.quant.quant_layers(model).values()]  # 36, 144, 40
+    if bits in (3, 5, 6, 7):  # whole groups of eight b-bit fields per layer
+        stored = sum(-(-n // 8) * bits for n in sizes)
+        assert parts["packed_weight_bytes"] == stored
+    else:  # whole bytes per layer, one bit stored in two
+        stored = sum(-(-n * max(bits, 2) // 8) for n in sizes)
+        assert parts["packed_weight_bytes"] == 0
+    assert parts["int_weight_bytes"] == stored
+    assert parts["plan_weight_bytes"] == sum(sizes) * bits / 8
+    assert parts["container_padding_bytes"] == stored - sum(sizes) * bits / 8
+    assert parts["scale_bytes"] == 4 * (4 + 4 + 10)
+    assert sum(parts[k] for k in ("int_weight_bytes", "scale_bytes", "zero_point_bytes",
+                                  "float_param_bytes", "protobuf_overhead_bytes")) == parts["file_size_bytes"]
 
 
 def test_mixed_plan_on_resnet20(quantized, tmp_path) -> None:
@@ -110,7 +141,15 @@ def test_mixed_plan_on_resnet20(quantized, tmp_path) -> None:
     parts = size_breakdown(tmp_path / "m.onnx")
     assert parts["plan_weight_bytes"] == sum(model.get_submodule(n).weight.numel() * p["w_bits"]
                                              for n, p in plan.items()) / 8
-    assert parts["container_padding_bytes"] > 0  # the 3-bit layers sit in INT4
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    n_3bit = sum(p["w_bits"] == 3 for p in plan.values())
+    assert [f.name for f in proto.functions] == ["Unpack3"]  # one decoder, shared by the 3-bit layers
+    assert sum(n.op_type == "Unpack3" and n.domain == "hawq" for n in proto.graph.node) == n_3bit
+    assert not any(n.name for n in proto.graph.node)
+    # 3-bit layers are bit-packed: nothing is padded (every layer has a multiple of 8 weights)
+    assert parts["container_padding_bytes"] == 0
+    assert parts["packed_weight_bytes"] == sum(model.get_submodule(n).weight.numel() * 3
+                                               for n, p in plan.items() if p["w_bits"] == 3) / 8
 
 
 def test_float_model_exports_with_bn_folded(tmp_path) -> None:

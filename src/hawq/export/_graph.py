@@ -1,8 +1,9 @@
-"""ONNX graph surgery: placeholders become packed QDQ nodes, batch norm folds into convolutions.
+"""ONNX graph surgery: placeholders become QDQ nodes over compact integer weights, batch norm folds.
 
-Weights: a `hawq::WeightQ` node becomes DequantizeLinear(levels, scales, axis=0) over an INT8 / INT4 / INT2
-initializer (1-2 bits in INT2, 3-4 in INT4, 5-8 in INT8; packed two or four per byte, first element in
-the low bits, as the ONNX spec stores sub-byte types). No zero point is stored: the grid is symmetric.
+Weights: a `hawq::WeightQ` node becomes DequantizeLinear(levels, scales, axis=0) over the layer's integer
+levels, stored as `_pack.py` says: INT2 / INT4 / INT8 initializers for 1-2, 4 and 8 bits, bit-packed
+UINT8 bytes decoded in the graph (a shared model-local function) for 3, 5, 6 and 7 bits. No zero point
+is stored: the grid is symmetric.
 
 Activations: a `hawq::ActQ` node becomes [Clip] -> QuantizeLinear -> DequantizeLinear holding the layer's
 unsigned grid 0..2^b-1 (scale, zero point) in a UINT8 container, preceded by a Clip to the grid's range
@@ -19,6 +20,10 @@ Batch norm: y = k * (conv(x, W) + b - mean) + beta with k = gamma / sqrt(var + e
 weight W = levels * s we fold k into the DequantizeLinear scale (s' = s * |k|, levels' = levels * sign(k))
 and the shift into the bias, so the integer levels are exactly those of the fake-quant model (folding k
 into W before quantizing would change them). Float convolutions fold k into their weight.
+
+Size: the graph is written compactly, since a ResNet-20 at ~3 bits is only ~100 KB of weights: values and
+initializers get base-36 names ("0", "1", ..., "z", "10"), nodes no names or doc strings, and attributes
+equal to their defaults are dropped (a Conv's kernel_shape too: the weight's shape gives it).
 """
 
 from __future__ import annotations
@@ -27,13 +32,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from hawq.export._pack import (
+    DECODER_DOMAIN,
+    MIN_FUNCTION_IR,
+    MIN_OPSET,
+    NATIVE,
+    decoder_function,
+    decoder_node,
+    weight_initializer,
+    weight_opset,
+)
 from hawq.export._view import MARK_DOMAIN, ActMark, WeightMark
-
-# bits -> (container type, container bits, lowest opset with that type in Q/DQ)
-WEIGHT_CONTAINERS = {1: (TensorProto.INT2, 2, 25), 2: (TensorProto.INT2, 2, 25)}
-WEIGHT_CONTAINERS.update({b: (TensorProto.INT4, 4, 21) for b in (3, 4)})
-WEIGHT_CONTAINERS.update({b: (TensorProto.INT8, 8, 13) for b in range(5, 9)})
-MIN_OPSET = 13  # per-axis DequantizeLinear
 
 
 def act_container(w_bits: int | None) -> int:
@@ -46,24 +55,7 @@ def type_name(elem_type: int) -> str:
 
 
 def mark_opset(mark: WeightMark | ActMark) -> int:
-    return WEIGHT_CONTAINERS[mark.w_bits][2] if isinstance(mark, WeightMark) else MIN_OPSET
-
-
-def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Two's-complement `bits`-bit fields, packed 8 // bits per byte, first element in the low bits."""
-    per_byte = 8 // bits
-    u = (values.astype(np.int16).reshape(-1) & ((1 << bits) - 1)).astype(np.uint8)
-    u = np.concatenate([u, np.zeros((-len(u)) % per_byte, np.uint8)]).reshape(-1, per_byte)
-    out = np.zeros(len(u), np.uint8)
-    for j in range(per_byte):
-        out |= u[:, j] << (bits * j)
-    return out.tobytes()
-
-
-def packed_tensor(name: str, values: np.ndarray, elem_type: int, bits: int) -> TensorProto:
-    t = TensorProto(name=name, data_type=elem_type, dims=list(values.shape))
-    t.raw_data = pack_bits(values, bits)
-    return t
+    return weight_opset(mark.w_bits) if isinstance(mark, WeightMark) else MIN_OPSET
 
 
 def _float(name: str, values: np.ndarray) -> TensorProto:
@@ -79,6 +71,8 @@ class _Graph:
         self.nodes = [_copy(n) for n in g.node]
         self.inits = {t.name: _copy(t) for t in g.initializer}
         self.outputs = {o.name for o in g.output}
+        self.packed_bits: set[int] = set()  # widths whose decoder function the model needs
+        self.weight_names: dict[str, str] = {}  # fqn -> initializer of its levels
         self._bypass_identities()
 
     def _bypass_identities(self) -> None:
@@ -145,7 +139,8 @@ class _Graph:
             n_folded += 1
         return n_folded
 
-    def write_back(self) -> None:
+    def write_back(self) -> dict[str, str]:
+        """Write nodes and live initializers back, compactly (module docstring); returns old -> new names."""
         g = self.model.graph
         live = _names_used(self.nodes) | self.outputs
         while True:  # drop nodes nothing reads (the float weights the placeholders replaced, for instance)
@@ -154,26 +149,73 @@ class _Graph:
                 break
             self.nodes = [n for n in self.nodes if n not in dead]
             live = _names_used(self.nodes) | self.outputs
-        # Intermediate values get short names (node names keep the module scope): the exporter's names
-        # are ~12 KB of a 200 KB ResNet-20.
-        keep = self.outputs | {i.name for i in g.input} | set(self.inits)
+        inputs = {i.name for i in g.input}
         has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                             for n in self.nodes for a in n.attribute)  # they may read outer names
         short: dict[str, str] = {}
+        fixed, counter = inputs | self.outputs, 0
+        if not has_subgraphs:
+            for name in [*(n for n in self.inits if n in live), *(o for n in self.nodes for o in n.output)]:
+                if name and name not in fixed and name not in short:
+                    while _base36(counter) in fixed:
+                        counter += 1
+                    short[name], counter = _base36(counter), counter + 1
         for n in self.nodes:
             n.ClearField("doc_string")
-            for i, name in enumerate(n.output):
-                if has_subgraphs:
-                    break
-                if name and name not in keep:
-                    short[name] = n.output[i] = f"t{len(short)}"
-            for i, name in enumerate(n.input):
-                n.input[i] = short.get(name, name)
+            n.ClearField("name")
+            _drop_default_attributes(n, self.model, inputs)
+            for field in (n.input, n.output):
+                for i, name in enumerate(field):
+                    field[i] = short.get(name, name)
         g.ClearField("node")
         g.node.extend(self.nodes)
         g.ClearField("initializer")
-        g.initializer.extend(t for name, t in self.inits.items() if name in live)
+        for name, t in self.inits.items():
+            if name in live:
+                t.name = short.get(name, name)
+                g.initializer.append(t)
         g.ClearField("value_info")
+        g.ClearField("doc_string")
+        return short
+
+
+def _base36(i: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = digits[i % 36]
+    while i >= 36:
+        i //= 36
+        out = digits[i % 36] + out
+    return out
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _drop_default_attributes(n: onnx.NodeProto, model: onnx.ModelProto, graph_inputs: set[str]) -> None:
+    """Remove attributes equal to the operator's default, and a Conv's kernel_shape (its weight's shape)."""
+    if n.domain not in ("", "ai.onnx"):
+        return
+    try:
+        schema = onnx.defs.get_schema(n.op_type, _opset(model))
+    except onnx.defs.SchemaError:
+        return
+    keep = []
+    for a in n.attribute:
+        value = helper.get_attribute_value(a)
+        spec = schema.attributes.get(a.name)
+        if spec is not None and spec.default_value.type != onnx.AttributeProto.UNDEFINED:
+            if a.type == spec.default_value.type and value == helper.get_attribute_value(spec.default_value):
+                continue
+        if n.op_type == "Conv" and (
+            (a.name in ("dilations", "strides") and all(v == 1 for v in value))
+            or (a.name == "pads" and all(v == 0 for v in value))
+            or (a.name == "kernel_shape" and n.input[1] not in graph_inputs)
+        ):
+            continue
+        keep.append(a)
+    del n.attribute[:]
+    n.attribute.extend(keep)
 
 
 def _copy(msg):
@@ -202,11 +244,16 @@ def _weight_nodes(gr: _Graph, node: onnx.NodeProto, mark: WeightMark) -> tuple[l
         k = gr.fold_bn(conv, bn, levels.shape[0], mark.fqn)
         sign = np.where(k < 0, -1, 1).astype(np.int8).reshape(-1, *[1] * (levels.ndim - 1))
         levels, scales = levels * sign, scales * np.abs(k)
-    elem_type, container_bits, _ = WEIGHT_CONTAINERS[mark.w_bits]
-    q = gr.add(packed_tensor(f"{mark.fqn}.weight_quantized", levels, elem_type, container_bits))
+    q = gr.add(weight_initializer(f"{mark.fqn}.weight_quantized", levels, mark.w_bits))
     s = gr.add(_float(f"{mark.fqn}.weight_scale", scales))
-    dq = helper.make_node("DequantizeLinear", [q, s], [node.output[0]], name=f"{mark.fqn}/weight_dq", axis=0)
-    return [dq], bn is not None
+    nodes = []
+    if mark.w_bits not in NATIVE:
+        nodes.append(decoder_node(q, f"{mark.fqn}/weight_levels", mark.w_bits, levels.shape))
+        gr.packed_bits.add(mark.w_bits)
+        q = nodes[-1].output[0]
+    nodes.append(helper.make_node("DequantizeLinear", [q, s], [node.output[0]], axis=0))
+    gr.weight_names[mark.fqn] = f"{mark.fqn}.weight_quantized"
+    return nodes, bn is not None
 
 
 def _act_nodes(gr: _Graph, node: onnx.NodeProto, mark: ActMark) -> list[onnx.NodeProto]:
@@ -227,10 +274,13 @@ def _act_nodes(gr: _Graph, node: onnx.NodeProto, mark: ActMark) -> list[onnx.Nod
     return nodes
 
 
-def lower_marks(model: onnx.ModelProto, marks: dict[int, WeightMark | ActMark]) -> tuple[dict[str, bool], int]:
+def lower_marks(
+    model: onnx.ModelProto, marks: dict[int, WeightMark | ActMark]
+) -> tuple[dict[str, bool], int, dict[str, str]]:
     """Replace the placeholders in place and fold every conv -> batch norm.
 
-    Returns (quantized-weight fqn -> whether a batch norm was folded into it, float convs folded).
+    Returns (quantized-weight fqn -> whether a batch norm was folded into it, float convs folded,
+    quantized-weight fqn -> name of the initializer holding its levels).
     """
     gr = _Graph(model)
     folded: dict[str, bool] = {}
@@ -249,8 +299,13 @@ def lower_marks(model: onnx.ModelProto, marks: dict[int, WeightMark | ActMark]) 
         out.extend(nodes)
     gr.nodes = out
     n_float_folded = gr.fold_float_convs()
-    gr.write_back()
-    kept = [o for o in model.opset_import if o.domain != MARK_DOMAIN]
+    short = gr.write_back()
+    opset = _opset(model)
+    kept = [o for o in model.opset_import if o.domain not in (MARK_DOMAIN, DECODER_DOMAIN)]
     model.ClearField("opset_import")
     model.opset_import.extend(kept)
-    return folded, n_float_folded
+    if gr.packed_bits:
+        model.opset_import.append(helper.make_opsetid(DECODER_DOMAIN, 1))
+        model.functions.extend(decoder_function(b, opset) for b in sorted(gr.packed_bits))
+        model.ir_version = max(model.ir_version, MIN_FUNCTION_IR)
+    return folded, n_float_folded, {fqn: short.get(name, name) for fqn, name in gr.weight_names.items()}

@@ -1,11 +1,15 @@
 """`export_onnx`: a fake-quantized, calibrated model becomes a QDQ ONNX model with packed integer weights.
 
 The model is traced by PyTorch's TorchScript ONNX exporter through its export view (`_view.py`), whose
-placeholders are then lowered to DequantizeLinear over INT8 / INT4 / INT2 initializers and to
-[Clip] -> QuantizeLinear -> DequantizeLinear on layer inputs (`_graph.py`); batch norm is folded into the
-preceding convolution. The opset is the lowest that holds the plan's weight types: 13 when every weight
-has 5-8 bits (INT8), 21 when one has 3-4 bits (INT4), 25 when one has 1-2 bits (INT2). `onnx.checker`
-runs on the result, and onnxruntime's logits on the example input are compared with the PyTorch model's.
+placeholders are then lowered to DequantizeLinear over INT8 / INT4 / INT2 initializers or bit-packed
+3/5/6/7-bit bytes with an in-graph decoder (`_pack.py`), and to [Clip] -> QuantizeLinear ->
+DequantizeLinear on layer inputs (`_graph.py`); batch norm is folded into the preceding convolution. The
+opset is the lowest that holds the plan's weight types: 13 when no weight has 1, 2 or 4 bits, 21 when
+one has 4 bits (INT4), 25 when one has 1-2 bits (INT2). `onnx.checker` runs on the result, and
+onnxruntime's logits on the example input are compared with the PyTorch model's.
+
+The file's metadata `hawq.layers` maps every quantized layer's fqn to [n_params, w_bits, a_bits, name of
+the initializer holding its weight levels] (compact JSON; `layer_levels` in verify.py reads it back).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ class LayerExport:
     n_params: int
     w_bits: int | None
     a_bits: int | None
-    w_type: str | None  # e.g. "INT4" for 3- or 4-bit weights
+    w_type: str | None  # "INT2" (1-2 bits), "INT4", "INT8", or "PACKED3" / 5 / 6 / 7 (decoded in the graph)
     a_type: str | None  # "UINT8", or "UINT16" before INT2 weights (see _graph.py)
     bn_folded: bool
 
@@ -70,7 +74,8 @@ class ExportReport:
 
 def required_opset(marks: dict[int, WeightMark | ActMark]) -> tuple[int, str | None]:
     """The lowest opset holding every mark's container type, and the layer that needs it."""
-    from hawq.export._graph import MIN_OPSET, mark_opset
+    from hawq.export._graph import mark_opset
+    from hawq.export._pack import MIN_OPSET
 
     best, who = MIN_OPSET, None
     for mark in marks.values():
@@ -143,7 +148,8 @@ def export_onnx(
     import onnx
     from onnx import version_converter
 
-    from hawq.export._graph import WEIGHT_CONTAINERS, act_container, lower_marks, type_name
+    from hawq.export._graph import act_container, lower_marks, type_name
+    from hawq.export._pack import weight_type
     from hawq.export.verify import compare_logits, run_onnx
 
     view, marks = export_view(model)
@@ -166,7 +172,7 @@ def export_onnx(
         ) from e
     if opset > base:
         proto = version_converter.convert_version(proto, opset)
-    folded, n_float_folded = lower_marks(proto, marks)
+    folded, n_float_folded, weight_names = lower_marks(proto, marks)
 
     layers = []
     for fqn, m in model.named_modules():
@@ -174,13 +180,15 @@ def export_onnx(
             continue
         layers.append(LayerExport(
             fqn=fqn, n_params=m.weight.numel(), w_bits=m.w_bits, a_bits=m.a_bits,
-            w_type=None if m.w_bits is None else type_name(WEIGHT_CONTAINERS[m.w_bits][0]),
+            w_type=None if m.w_bits is None else weight_type(m.w_bits),
             a_type=None if m.a_bits is None else type_name(act_container(m.w_bits)),
             bn_folded=folded.get(fqn, False),
         ))
     entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps([layer.to_dict() for layer in layers])
+    meta = {x.fqn: [x.n_params, x.w_bits, x.a_bits, weight_names.get(x.fqn)] for x in layers}
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta, separators=(",", ":"))
     proto.producer_name = "hawq"
+    proto.graph.name = "hawq"
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
     path = Path(path)

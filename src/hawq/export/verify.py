@@ -109,53 +109,107 @@ def verify_onnx(
     return report
 
 
-_INT_WEIGHT_TYPES = (3, 22, 26)  # TensorProto.INT8, INT4, INT2
-
-
 def _tensor_bytes(t) -> int:
     from onnx import numpy_helper
 
     return len(t.raw_data) if t.raw_data else numpy_helper.to_array(t).nbytes
 
 
+def _layer_table(model) -> dict[str, list]:
+    """fqn -> [n_params, w_bits, a_bits, levels initializer] from the metadata (older files: a list of dicts)."""
+    from hawq.export.onnx_export import METADATA_KEY
+
+    meta = json.loads({p.key: p.value for p in model.metadata_props}.get(METADATA_KEY, "{}"))
+    if isinstance(meta, list):
+        return {x["fqn"]: [x["n_params"], x["w_bits"], x["a_bits"], None] for x in meta}
+    return meta
+
+
+def _roles(model) -> dict[str, str]:
+    """Initializer name -> what it holds, read from the nodes that consume it."""
+    from hawq.export._pack import DECODER_DOMAIN
+
+    roles: dict[str, str] = {}
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.domain in ("", "ai.onnx"):
+            for i, kind in enumerate(("int_weight" if n.op_type == "DequantizeLinear" else "", "scale",
+                                      "zero_point")):
+                if i < len(n.input) and kind:
+                    roles.setdefault(n.input[i], kind)
+        elif n.domain == DECODER_DOMAIN and n.input:
+            roles[n.input[0]] = "packed_weight"
+    return roles
+
+
 def size_breakdown(path: str | Path) -> dict[str, int | float]:
     """Bytes on disk of an exported model, by what they hold.
 
-    int_weight_bytes: packed integer weights; scale_bytes / zero_point_bytes: Q/DQ parameters;
-    float_param_bytes: every other tensor (biases, float layers, clip bounds); protobuf_overhead_bytes:
-    the rest of the file (graph, names, attributes). plan_weight_bytes is sum(n_params * w_bits) / 8 over
-    the quantized layers, the size an allocator computes; container_padding_bytes is what storing 3-bit
-    values in INT4 and 5-7-bit ones in INT8 (and rounding to whole bytes) adds to it.
+    int_weight_bytes: integer weights, native (INT8/INT4/INT2) and bit-packed, of which
+    packed_weight_bytes are bit-packed 3/5/6/7-bit ones; scale_bytes / zero_point_bytes: Q/DQ parameters;
+    float_param_bytes: every other tensor (biases, float layers, clip bounds); protobuf_overhead_bytes: the
+    rest of the file (graph, names, attributes, decoder functions, metadata). plan_weight_bytes is
+    sum(n_params * w_bits) / 8 over the quantized layers, the size an allocator computes;
+    container_padding_bytes is what storage adds to it (1-bit weights in INT2, and rounding each layer to
+    whole bytes / whole groups of eight packed values).
     """
     import onnx
 
-    from hawq.export.onnx_export import METADATA_KEY
-
     path = Path(path)
     model = onnx.load(str(path))
+    roles = _roles(model)
     totals = {"int_weight": 0, "scale": 0, "zero_point": 0, "float_param": 0}
-    n_float_params = 0
+    packed = n_float_params = 0
     for t in model.graph.initializer:
-        if t.name.endswith((".weight_scale", ".input_scale")):
-            kind = "scale"
-        elif t.name.endswith(".input_zero_point"):
-            kind = "zero_point"
-        elif t.data_type in _INT_WEIGHT_TYPES:
-            kind = "int_weight"
-        else:
-            kind = "float_param"
+        role = roles.get(t.name, "float_param")
+        if role == "int_weight" and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            role = "float_param"  # a float tensor DequantizeLinear reads is no integer weight
+        if role == "packed_weight":
+            role, packed = "int_weight", packed + _tensor_bytes(t)
+        if role == "float_param":
             n_float_params += math.prod(t.dims)
-        totals[kind] += _tensor_bytes(t)
+        totals[role] += _tensor_bytes(t)
     file_size = path.stat().st_size
-    meta = {p.key: p.value for p in model.metadata_props}
-    layers = json.loads(meta.get(METADATA_KEY, "[]"))
-    plan_bits = sum(layer["n_params"] * layer["w_bits"] for layer in layers if layer["w_bits"] is not None)
+    layers = _layer_table(model).values()
+    plan_bits = sum(n_params * w_bits for n_params, w_bits, *_ in layers if w_bits is not None)
     out: dict[str, int | float] = {f"{k}_bytes": v for k, v in totals.items()}
     out.update(
         file_size_bytes=file_size,
         protobuf_overhead_bytes=file_size - sum(totals.values()),
         n_float_params=n_float_params,
+        packed_weight_bytes=packed,
         plan_weight_bytes=plan_bits / 8,
         container_padding_bytes=totals["int_weight"] - plan_bits / 8,
     )
+    return out
+
+
+def layer_levels(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """fqn -> (int8 levels, float32 per-channel scales) of every quantized weight stored in `path`.
+
+    Decoded in numpy from the file (native sub-byte types and bit-packed bytes alike); levels * scales is
+    the weight the model computes with (with any folded batch norm scale inside the scales).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from hawq.export._pack import DECODER_ATTR, DECODER_DOMAIN, unpack_fields
+
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    by_input: dict[str, list] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            by_input.setdefault(name, []).append(n)
+    out = {}
+    for fqn, (_, w_bits, _, name) in _layer_table(model).items():
+        if w_bits is None or name is None:
+            continue
+        node = by_input[name][0]
+        if node.domain == DECODER_DOMAIN:
+            shape = tuple(next(a.ints for a in node.attribute if a.name == DECODER_ATTR))
+            levels = unpack_fields(inits[name].raw_data, w_bits, shape)
+            node = by_input[node.output[0]][0]
+        else:
+            levels = numpy_helper.to_array(inits[name]).astype(np.int8)
+        out[fqn] = levels, numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
     return out

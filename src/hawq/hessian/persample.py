@@ -130,7 +130,8 @@ def output_grad_vectors(logits: Tensor, mode: str, generator: torch.Generator | 
     exact: K = C, u_c = sqrt(p_c) (p - e_c), summing p_c ||grad CE(., c)||^2 over classes.
     mc_fisher: K = 1, u = p - e_c with one label c ~ p per image (unbiased for the same sum).
     """
-    p = torch.softmax(logits.detach().double(), dim=-1)  # (B, C)
+    # on the CPU: the label generator is a CPU torch.Generator (same draws on every device)
+    p = torch.softmax(logits.detach().double().cpu(), dim=-1)  # (B, C)
     B, C = p.shape
     if mode == "exact":
         eye = torch.eye(C, dtype=p.dtype)
@@ -148,7 +149,7 @@ def output_grad_vectors(logits: Tensor, mode: str, generator: torch.Generator | 
         u = ((p - F.one_hot(c, C).to(p.dtype)) * w).unsqueeze(0)
     else:
         raise ValueError(f"unknown per-sample mode {mode!r}")
-    return u.to(logits.dtype)
+    return u.to(device=logits.device, dtype=logits.dtype)
 
 
 def gn_backward(
