@@ -8,8 +8,9 @@ stay at W8A8 in every plan):
 Every plan is calibrated and fine-tuned the same way (same images, epochs, learning rate), then scored by
 COCO mAP (pycocotools). Writes a markdown table to --out and prints it.
 
-    .venv/bin/python bench/detection.py                 # the full bench (~10 min CPU on 2 idle cores)
-    .venv/bin/python bench/detection.py --quick         # a smoke run on a small set (~1 min)
+    .venv/bin/python bench/detection.py --threads 1     # measured: 14 min wall, 7.5 min CPU (load ~4)
+    .venv/bin/python bench/detection.py --quick         # a smoke run on a small set (~1.5 min)
+On a busy 2-core machine one torch thread is faster than two (the threads of small ops wait on each other).
 """
 
 from __future__ import annotations

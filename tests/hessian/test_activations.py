@@ -76,11 +76,14 @@ def test_hutchinson_activation_traces_on_a_curved_net():
     assert all(lt.stderr < 0.05 * scale for lt in r.layers)  # informative error bars
 
 
-def test_mc_fisher_activation_traces_are_unbiased(tiny_cnn_case):
+@pytest.mark.parametrize("method", ["mc_fisher", "hybrid"])
+def test_sampled_activation_traces_are_unbiased(tiny_cnn_case, method):
     model, x, y = tiny_cnn_case
+    with torch.no_grad():
+        model.fc.weight.mul_(8.0)  # confident and uncertain images, so hybrid mixes both
     exact = estimate_activation_traces(model, [(x, y)], method="exact", progress=False)
     r = estimate_activation_traces(
-        model, [(x, y)] * 40, method="mc_fisher", max_images=None, rel_tol=0.02, progress=False, seed=2
+        model, [(x, y)] * 40, method=method, max_images=None, rel_tol=0.02, progress=False, seed=2
     )
     for le, lt in zip(exact.layers, r.layers):
         assert abs(lt.trace - le.trace) <= 3 * lt.stderr and lt.stderr < 0.1 * le.trace

@@ -74,7 +74,7 @@ def test_layer_traces_sum_to_the_full_trace(tiny_mlp_case):
     assert sum(lt.trace * lt.n_params for lt in r.layers) == pytest.approx(full, rel=1e-9)
 
 
-@pytest.mark.parametrize("method", ["mc_fisher", "mc_fisher_is", "hutchinson"])
+@pytest.mark.parametrize("method", ["mc_fisher", "mc_fisher_is", "hybrid", "hutchinson"])
 @pytest.mark.parametrize("case", ["tiny_mlp_case", "tiny_cnn_case"])
 def test_stochastic_methods_within_three_stderr_of_exact(method, case, request):
     model, x, y = request.getfixturevalue(case)
@@ -188,7 +188,7 @@ def test_user_errors_are_value_errors(tiny_mlp_case):
 
 def test_auto_picks_sampled_fisher_for_relu_nets_and_hutchinson_for_gelu(tiny_mlp_case):
     model, x, y = tiny_mlp_case
-    assert estimate_traces(model, [(x, y)], progress=False).method == "mc_fisher_is"
+    assert estimate_traces(model, [(x, y)], progress=False).method == "hybrid"
     gelu = nn.Sequential(nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 3)).double()
     r = estimate_traces(gelu, [(x, y)], progress=False, max_probes=4)
     assert r.method == "hutchinson" and any("GELU" in n for n in r.notes)
@@ -247,3 +247,28 @@ def test_weights_hash_sees_weights_buffers_and_layers(tiny_cnn_case):
     with torch.no_grad():
         model.fc.weight[0, 0] += 1e-6
     assert weights_hash(model) != h2
+
+
+def test_hybrid_mixes_exact_and_sampled_images_without_bias(tiny_mlp_case):
+    from hawq.hessian.persample import hybrid_split
+
+    model, x, y = tiny_mlp_case
+    with torch.no_grad():
+        model.fc3.weight.mul_(12.0)  # some confident, some uncertain images
+    hard, easy = hybrid_split(model.eval(), x)
+    assert len(hard) > 0 and len(easy) > 0
+    exact = estimate_traces(model, [(x, y)], method="exact", progress=False)
+    r = estimate_traces(
+        model,
+        _repeat(x, y, 8, 40),
+        method="hybrid",
+        chunk_size=8,
+        max_images=None,
+        rel_tol=0.02,
+        progress=False,
+        seed=5,
+        diagonal=True,
+    )
+    for le, lt in zip(exact.layers, r.layers):
+        assert abs(lt.trace - le.trace) <= 3 * lt.stderr and lt.stderr < 0.1 * le.trace
+        assert float(r.diagonals[lt.fqn].double().mean()) == pytest.approx(lt.trace, rel=1e-5)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from hawq.hessian.hutchinson import LossFn, rademacher
-from hawq.hessian.persample import capture_io, gn_backward
+from hawq.hessian.persample import capture_io, gn_backward, hybrid_split
 
 
 def input_numels(model: nn.Module, modules: Sequence[nn.Module], x: Tensor) -> list[int]:
@@ -32,7 +32,14 @@ def input_numels(model: nn.Module, modules: Sequence[nn.Module], x: Tensor) -> l
 def act_persample(
     model: nn.Module, modules: Sequence[nn.Module], x: Tensor, mode: str, generator: torch.Generator | None
 ) -> tuple[Tensor, int]:
-    """(B, L) per-image Gauss-Newton average traces w.r.t. each layer's input; K backward vectors."""
+    """(B, L) per-image Gauss-Newton average traces w.r.t. each layer's input; backward passes spent."""
+    if mode == "hybrid":
+        values, spent = torch.empty(x.shape[0], len(modules), dtype=torch.float64), 0
+        for idx, sub in zip(hybrid_split(model, x), ("exact", "mc_fisher_is")):
+            if len(idx):
+                values[idx], k = act_persample(model, modules, x[idx], sub, generator)
+                spent += k
+        return values, spent
     records, grads, k_vectors = gn_backward(model, modules, x, mode, generator, wrt_input=True)
     values = torch.zeros(x.shape[0], len(modules), dtype=torch.float64)
     j = 0
@@ -40,7 +47,7 @@ def act_persample(
         n = 0
         for _ in r:
             g = grads[j].flatten(2)  # (K, B, numel)
-            values[:, li] += (g.double() ** 2).sum(dim=(0, 2))
+            values[:, li] += (g.double() ** 2).sum(dim=(0, 2)).to(values.device)
             n += g.shape[2]
             j += 1
         values[:, li] /= n
@@ -81,6 +88,6 @@ def act_hutchinson(
         )
         for v, h, li in zip(vs, hv, owner):
             if h is not None:
-                values[:, li] += (v.double() * h.double()).flatten(1).sum(1)
+                values[:, li] += (v.double() * h.double()).flatten(1).sum(1).to(values.device)
     values /= torch.tensor(numel, dtype=torch.float64) * n_probes
     return values, 1 + n_probes

@@ -123,15 +123,15 @@ def choose_method(method: str, loss: Any, curved: list[str], num_classes: int = 
     ce = loss == "cross_entropy"
     if curved:
         what = ", ".join(curved)
-        if method in ("exact", "mc_fisher", "mc_fisher_is"):
+        if method in ("exact", "hybrid", "mc_fisher", "mc_fisher_is"):
             notes.append(f"model has {what}: Gauss-Newton approximates the Hessian (trace is the GN trace)")
         else:
             notes.append(f"model has {what}: not piecewise linear, so Hessian-vector products are used")
     if method == "auto":
         if ce and not curved:
-            method = "mc_fisher_is"
+            method = "hybrid"
         else:
             method = "hutchinson"
-    if method in ("exact", "mc_fisher", "mc_fisher_is") and not ce:
+    if method in ("exact", "hybrid", "mc_fisher", "mc_fisher_is") and not ce:
         raise ValueError(f"method={method!r} needs loss='cross_entropy'; use method='hutchinson' for {loss!r}")
     return method, notes

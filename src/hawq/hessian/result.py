@@ -53,7 +53,7 @@ class LayerTrace:
 
 @dataclass(frozen=True)
 class TraceResult:
-    method: str  # the method actually used: "exact", "mc_fisher", "mc_fisher_is" or "hutchinson"
+    method: str  # the method actually used: "exact", "hybrid", "mc_fisher", "mc_fisher_is", "hutchinson"
     layers: tuple[LayerTrace, ...]  # in the order of the `layers` argument
     n_images: int
     n_backward: int  # backward passes (per class for exact) or Hessian-vector products spent

@@ -243,8 +243,11 @@ def train_detector(
         model.train()
         for _ in range(epochs):
             total, n = 0.0, 0
+            dev = next(model.parameters()).device
             for images, targets in loader:
-                losses = model(list(images), targets)
+                images = [im.to(dev) for im in images]
+                targets = [{k: v.to(dev) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
+                losses = model(images, targets)
                 loss = losses["classification"] + losses["bbox_regression"]
                 if not torch.isfinite(loss):
                     raise ValueError(f"the loss became {float(loss)}: lower the learning rate (now {lr})")
@@ -280,5 +283,6 @@ def evaluate_map(
             raise ValueError("pass coco_gt_json: the loader's dataset holds no COCO annotations")
     coco_gt = load_coco(coco_gt_json) if isinstance(coco_gt_json, (str, os.PathLike)) else coco_gt_json
     label_to_cat = {i + 1: c for i, c in enumerate(sorted(coco_gt.getCatIds()))}
-    return coco_map(model, loader, coco_gt, label_to_cat=label_to_cat, progress=progress)
+    device = next(model.parameters()).device
+    return coco_map(model, loader, coco_gt, label_to_cat=label_to_cat, device=str(device), progress=progress)
 
