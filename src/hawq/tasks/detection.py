@@ -283,6 +283,7 @@ def evaluate_map(
             raise ValueError("pass coco_gt_json: the loader's dataset holds no COCO annotations")
     coco_gt = load_coco(coco_gt_json) if isinstance(coco_gt_json, (str, os.PathLike)) else coco_gt_json
     label_to_cat = {i + 1: c for i, c in enumerate(sorted(coco_gt.getCatIds()))}
-    device = next(model.parameters()).device
+    params = model.parameters() if isinstance(model, nn.Module) else iter(())
+    device = next(params, torch.empty(0)).device
     return coco_map(model, loader, coco_gt, label_to_cat=label_to_cat, device=str(device), progress=progress)
 
