@@ -11,7 +11,7 @@ from hawq.quant.primitives import MAX_BITS, MIN_BITS
 
 TASKS = ("classification", "detection")
 DATASETS = ("fashion_mnist", "imagenet", "coco")
-TRACE_METHODS = ("auto", "exact", "mc_fisher", "mc_fisher_is", "hutchinson")
+TRACE_METHODS = ("auto", "exact", "hybrid", "mc_fisher", "mc_fisher_is", "hutchinson")
 
 # Fields that decide the full-precision model and its traces: a run folder holding other values is a
 # different run. The remaining fields (budget, bit widths, fine-tuning) may change between stage calls.
