@@ -51,7 +51,7 @@ class RunConfig:
     # Hessian traces
     trace_method: str = "auto"
     trace_rel_tol: float = 0.05
-    trace_max_images: int = 4096
+    trace_max_images: int = 8192
     trace_batch_size: int = 128
     # allocation
     w_bits: tuple[int, ...] = (2, 3, 4, 8)

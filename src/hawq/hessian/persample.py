@@ -188,7 +188,7 @@ def hybrid_split(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """Indices of (uncertain, confident) images of a chunk, from one forward pass without gradients."""
     with torch.no_grad():
         p = torch.softmax(model(x).double(), dim=-1)
-    hard = (1 - (p * p).sum(1)) >= HYBRID_UNCERTAINTY
+    hard = ((1 - (p * p).sum(1)) >= HYBRID_UNCERTAINTY).cpu()  # CPU indices: they index CPU results too
     return hard.nonzero().squeeze(1), (~hard).nonzero().squeeze(1)
 
 
