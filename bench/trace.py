@@ -179,6 +179,18 @@ def variance_study(model: nn.Module, n_images: int = 512, chunk: int = 64) -> di
     return out
 
 
+def plans_agree(model: nn.Module, a: TraceResult, b: TraceResult, budget_bits: float = 3.0) -> bool:
+    """Whether both seeds' traces give the same plan at the default budget (uniform 3-bit size)."""
+    from hawq.alloc import best_plan, default_fixed, sensitivity_table
+    from hawq.pipeline import uniform_size_bytes
+
+    plans = []
+    for r in (a, b):
+        table = sensitivity_table(model, r.means(), fixed=default_fixed(model), progress=False)
+        plans.append(best_plan(table, uniform_size_bytes(table, budget_bits)).w_bits)
+    return plans[0] == plans[1]
+
+
 def summarize(r: TraceResult) -> dict:
     big = [lt for lt in r.layers if lt.trace * lt.n_params >= 0.01 * sum(x.trace * x.n_params for x in r.layers)]
     return {
@@ -204,7 +216,7 @@ def main() -> None:
     p.add_argument("--data-dir")
     p.add_argument("--skip-hvp", action="store_true", help="skip the HVP-cost and PyHessian comparison")
     p.add_argument("--study-images", type=int, default=512)
-    p.add_argument("--max-images", type=int, default=4096, help="cap of every estimation (as the API default)")
+    p.add_argument("--max-images", type=int, default=8192, help="cap of every estimation (as the pipeline default)")
     p.add_argument("--train-device", default="cpu")
     p.add_argument("--study", action="store_true", help="per-image variance of the per-sample estimators")
     args = p.parse_args()
@@ -223,7 +235,8 @@ def main() -> None:
     for method in args.methods.split(","):
         kw = {"max_probes": args.hutchinson_probes} if method == "hutchinson" else {}
         a, b = two_seed_traces(model, method, **kw)
-        row = {"seed0": summarize(a), "seed1": summarize(b), "spearman": round(spearman(a, b), 4)}
+        row = {"seed0": summarize(a), "seed1": summarize(b), "spearman": round(spearman(a, b), 4),
+               "same_plan_at_default_budget": plans_agree(model, a, b)}
         report["estimators"][method] = row
         print(method, json.dumps(row), flush=True)
         _write(args.out, report)
