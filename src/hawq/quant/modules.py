@@ -17,6 +17,7 @@ from hawq.quant.primitives import check_bits, fake_quant_activation, fake_quant_
 class _QuantMixin:
     w_bits: int | None
     a_bits: int | None
+    float_cls: type[nn.Module]
 
     def _init_quant(self, w_bits: int | None, a_bits: int | None) -> None:
         self.w_bits = None if w_bits is None else check_bits(w_bits)
@@ -48,6 +49,27 @@ class _QuantMixin:
         w = self.weight
         return w if self.w_bits is None else fake_quant_weight(w, self.w_bits)
 
+    @classmethod
+    def from_float(cls, layer: nn.Module, w_bits: int | None, a_bits: int | None = None):
+        """The fake-quant twin of `layer`, sharing its parameters, hooks and hyper-parameters."""
+        q = cls.__new__(cls)
+        q.__dict__.update(layer.__dict__)
+        q._parameters = dict(layer._parameters)
+        q._buffers = dict(layer._buffers)
+        q._modules = dict(layer._modules)
+        q._init_quant(w_bits, a_bits)
+        return q
+
+    def to_float(self) -> nn.Module:
+        """The float layer back, sharing the parameters (the activation range is dropped)."""
+        layer = self.float_cls.__new__(self.float_cls)
+        layer.__dict__.update(self.__dict__)
+        layer._parameters = dict(self._parameters)
+        layer._buffers = {k: v for k, v in self._buffers.items() if k not in ("act_min", "act_max")}
+        for k in ("w_bits", "a_bits", "calibrating"):
+            layer.__dict__.pop(k, None)
+        return layer
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}"
 
@@ -55,24 +77,7 @@ class _QuantMixin:
 class QuantConv2d(_QuantMixin, nn.Conv2d):
     """nn.Conv2d whose weight and input are fake-quantized."""
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, w_bits: int | None, a_bits: int | None = None) -> QuantConv2d:
-        q = cls.__new__(cls)
-        q.__dict__.update(conv.__dict__)  # same parameters, hooks and hyper-parameters
-        q._parameters = dict(conv._parameters)
-        q._buffers = dict(conv._buffers)
-        q._modules = dict(conv._modules)
-        q._init_quant(w_bits, a_bits)
-        return q
-
-    def to_float(self) -> nn.Conv2d:
-        conv = nn.Conv2d.__new__(nn.Conv2d)
-        conv.__dict__.update(self.__dict__)
-        conv._parameters = dict(self._parameters)
-        conv._buffers = {k: v for k, v in self._buffers.items() if k not in ("act_min", "act_max")}
-        for k in ("w_bits", "a_bits", "calibrating"):
-            conv.__dict__.pop(k, None)
-        return conv
+    float_cls = nn.Conv2d
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
@@ -81,24 +86,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
 class QuantLinear(_QuantMixin, nn.Linear):
     """nn.Linear whose weight and input are fake-quantized."""
 
-    @classmethod
-    def from_float(cls, lin: nn.Linear, w_bits: int | None, a_bits: int | None = None) -> QuantLinear:
-        q = cls.__new__(cls)
-        q.__dict__.update(lin.__dict__)
-        q._parameters = dict(lin._parameters)
-        q._buffers = dict(lin._buffers)
-        q._modules = dict(lin._modules)
-        q._init_quant(w_bits, a_bits)
-        return q
-
-    def to_float(self) -> nn.Linear:
-        lin = nn.Linear.__new__(nn.Linear)
-        lin.__dict__.update(self.__dict__)
-        lin._parameters = dict(self._parameters)
-        lin._buffers = {k: v for k, v in self._buffers.items() if k not in ("act_min", "act_max")}
-        for k in ("w_bits", "a_bits", "calibrating"):
-            lin.__dict__.pop(k, None)
-        return lin
+    float_cls = nn.Linear
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
