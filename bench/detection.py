@@ -143,7 +143,8 @@ def markdown(args, fp, rows: list[dict], timing: dict[str, float], traces) -> st
         lines.append(f"| {f} | " + " | ".join(cells) + " |")
     lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items())
               + f"; load average at the end {load[0]:.1f} (the 2-core machine was shared).",
-              "", "Command: `.venv/bin/python bench/detection.py" + (" --quick" if args.quick else "") + "`", ""]
+              "", "Command: `.venv/bin/python bench/detection.py" + (" --quick" if args.quick else "")
+              + ("" if args.threads is None else f" --threads {args.threads}") + "`", ""]
     return "\n".join(lines)
 
 

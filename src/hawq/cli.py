@@ -23,6 +23,8 @@ class _Parser(argparse.ArgumentParser):
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="run", help="run folder (default: ./run)")
     p.add_argument("--quiet", action="store_true", default=False, help="no progress bars or stage messages")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch (default: torch's; 1 is faster on a machine shared with other jobs)")
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -50,7 +52,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trace-method", choices=TRACE_METHODS, default=d.trace_method)
     g.add_argument("--trace-rel-tol", type=float, default=d.trace_rel_tol,
                    help="target relative standard error of every layer's trace (default 0.05)")
-    g.add_argument("--trace-max-images", type=int, default=d.trace_max_images)
+    g.add_argument("--trace-max-images", type=int, default=None, help="default: 8192 (detection: 512)")
     _alloc_options(p)
     _ft_options(p)
 
@@ -96,7 +98,7 @@ FT_KEYS = ("ft_images", "ft_lr", "distill")
 
 
 def _to_config_kwargs(args: argparse.Namespace) -> dict:
-    drop = ("cmd", "out", "quiet", "bits", "quantize_first_last", "recipe")
+    drop = ("cmd", "out", "quiet", "threads", "bits", "quantize_first_last", "recipe")
     kw = {k: v for k, v in vars(args).items() if k not in drop}
     if hasattr(args, "bits"):
         kw["w_bits"] = tuple(args.bits)
@@ -168,10 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
     from hawq import pipeline  # imported late: `hawq --help` stays fast
     from hawq.distributed import cleanup, init_from_env, is_main
 
     progress = not args.quiet
+    if args.threads is not None:
+        if args.threads < 1:
+            print("hawq: error: --threads must be at least 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: join the process group
             requested = getattr(args, "device", None) or "cpu"

@@ -24,10 +24,10 @@ IDENTITY_FIELDS = (
 
 TASK_DEFAULTS = {
     "classification": {"model": "resnet20", "epochs": 3, "batch_size": 128, "lr": 0.1, "ft_images": 10240,
-                       "ft_lr": 0.005},
+                       "ft_lr": 0.005, "trace_max_images": 8192},
     # the detection set's 2,000 training canvases; AdamW (see hawq.tasks.detection.train_detector)
-    "detection": {"model": "retinanet_tiny", "epochs": 12, "batch_size": 32, "lr": 2e-3, "ft_images": 4000,
-                  "ft_lr": 2e-4},
+    "detection": {"model": "retinanet_tiny", "epochs": 16, "batch_size": 32, "lr": 2e-3, "ft_images": 4000,
+                  "ft_lr": 2e-4, "trace_max_images": 512},
 }
 
 
@@ -51,7 +51,7 @@ class RunConfig:
     # Hessian traces
     trace_method: str = "auto"
     trace_rel_tol: float = 0.05
-    trace_max_images: int = 8192
+    trace_max_images: int | None = None  # None: the task's default (8192; detection: 512)
     trace_batch_size: int = 128
     # allocation
     w_bits: tuple[int, ...] = (2, 3, 4, 8)

@@ -69,7 +69,7 @@ class DetectionTask:
         epochs = 1 if cfg.quick else cfg.epochs
         ident = {"task": "detection", "model": cfg.model, "dataset": cfg.dataset, "image_size": cfg.image_size,
                  "n_train": len(data.train), "epochs": epochs,
-                 "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "algo": 1}
+                 "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "flip": True, "algo": 1}
         key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
         cached = cache_dir() / "fp32" / f"{cfg.model}-detection-{key}.pt"
         if cached.exists():
@@ -80,7 +80,7 @@ class DetectionTask:
                 print(f"hawq: ignoring the cached model ({e}); training again", file=sys.stderr)
                 model = self.build_model(cfg)
         model.to(cfg.device)
-        loader = detection_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+        loader = detection_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, flip=True)
         history = train_detector(model, loader, epochs=epochs, lr=cfg.lr, seed=cfg.seed, progress=progress)
         save_torch(cached, {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": ident})
         return model.eval(), {"source": "trained", "cache_key": key, "final_loss": history[-1]}
@@ -109,6 +109,6 @@ class DetectionTask:
         g = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(len(data.train), generator=g)[: min(n_images, len(data.train))].tolist()
         epochs = max(1, round(n_images / len(data.train))) if n_images > len(data.train) else 1
-        loader = detection_loader(Subset(data.train, order), cfg.batch_size, shuffle=True, seed=cfg.seed)
+        loader = detection_loader(Subset(data.train, order), cfg.batch_size, shuffle=True, seed=cfg.seed, flip=True)
         train_detector(model, loader, epochs=epochs, lr=cfg.ft_lr, seed=cfg.seed, progress=progress)
         return {"n_images": len(order) * epochs, "epochs": epochs, "lr": cfg.ft_lr, "batch_size": cfg.batch_size}
