@@ -76,7 +76,11 @@ def load_model(checkpoint: str | None, epochs: int, device: str = "cpu") -> nn.M
         return train_quick(epochs, device=device)
     model = M.create_model("resnet20", in_channels=1, num_classes=10)
     state = load_torch(checkpoint)
-    model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a run's fp32.pt or the cache
+        state = state["state_dict"]
+    elif isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    model.load_state_dict(state)
     return model
 
 
