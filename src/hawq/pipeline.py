@@ -174,7 +174,7 @@ def trace_settings(cfg: RunConfig) -> dict:
     """What, besides the weights, decides the traces: a traces.json with the same values is reused."""
     return {"method": cfg.trace_method, "rel_tol": cfg.trace_rel_tol, "max_images": trace_max_images(cfg),
             "batch_size": cfg.trace_batch_size, "seed": cfg.seed, "dataset": cfg.dataset,
-            "n_train": None if cfg.train_images is None else cfg.train_images, "diagonal": cfg.sensitivity == "diag",
+            "n_train": cfg.train_images, "diagonal": cfg.sensitivity == "diag",
             "activations": bool(cfg.a_bits_options)}
 
 

@@ -62,48 +62,33 @@ def _fig_convergence(traces: dict, path: Path) -> bool:
     return True
 
 
-def _fig_frontier(frontier: dict, plan: dict, path: Path) -> None:
+def _fig_frontier(points: list[dict], plan: dict, path: Path, cost: str) -> None:
+    """Total Omega against the cost ("size_bytes" in MB or "bops" in GBOPs): the frontier, the uniform plans
+    and the chosen plan, with the budget as a vertical line."""
     import matplotlib.pyplot as plt
 
-    pts = [p for p in frontier["points"] if p["omega"] > 0]  # log scale
+    scale, unit = (MB, "model size (MB)") if cost == "size_bytes" else (1e9, "GBOPs per image")
+    if cost == "size_bytes":
+        budget = plan.get("budget_bytes")
+    else:
+        budget = plan["budget_gbops"] * 1e9 if plan.get("budget_gbops") else None
+    pts = [p for p in points if p["omega"] > 0 and p.get(cost)]  # log scale
+    kind = "Pareto frontier" if cost == "size_bytes" else "joint weight+activation frontier"
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([p["size_bytes"] / MB for p in pts], [p["omega"] for p in pts], ".-", ms=2.5, color="#4c72b0",
-            lw=0.8, label=f"Pareto frontier ({len(frontier['points'])} plans)")
+    ax.plot([p[cost] / scale for p in pts], [p["omega"] for p in pts], ".-", ms=2.5, lw=0.8, color="#4c72b0",
+            label=f"{kind} ({len(points)} plans)")
     for name, u in sorted(plan.get("uniform", {}).items()):
-        ax.scatter(u["size_bytes"] / MB, u["omega"], marker="s", s=30, zorder=3, label=name)
-    ax.scatter(plan["size_bytes"] / MB, plan["omega"], marker="*", s=160, color="#c44e52", zorder=4,
-               label="HAWQ plan")
-    ax.axvline(plan["budget_bytes"] / MB, color="gray", ls="--", lw=0.8, label="budget")
+        if u.get(cost):
+            ax.scatter(u[cost] / scale, u["omega"], marker="s", s=30, zorder=3, label=name)
+    if plan.get(cost):
+        ax.scatter(plan[cost] / scale, plan["omega"], marker="*", s=160, color="#c44e52", zorder=4, label="HAWQ plan")
+    if budget:
+        ax.axvline(budget / scale, color="gray", ls="--", lw=0.8, label="budget")
     if pts:
         ax.set_yscale("log")
-    ax.set_xlabel("model size (MB)")
+    ax.set_xlabel(unit)
     ax.set_ylabel("total sensitivity Ω")
-    ax.set_title("Model size against total Ω")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _fig_frontier_bops(frontier: dict, plan: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    pts = [p for p in frontier["bops_points"] if p["omega"] > 0 and p.get("bops")]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([p["bops"] / 1e9 for p in pts], [p["omega"] for p in pts], ".-", ms=2.5, lw=0.8, color="#4c72b0",
-            label=f"joint weight+activation frontier ({len(frontier['bops_points'])} plans)")
-    for name, u in sorted(plan.get("uniform", {}).items()):
-        if u.get("bops"):
-            ax.scatter(u["bops"] / 1e9, u["omega"], marker="s", s=30, zorder=3, label=name)
-    if plan.get("bops"):
-        ax.scatter(plan["bops"] / 1e9, plan["omega"], marker="*", s=160, color="#c44e52", zorder=4, label="HAWQ plan")
-    if plan.get("budget_gbops"):
-        ax.axvline(plan["budget_gbops"], color="gray", ls="--", lw=0.8, label="BOPs budget")
-    if pts:
-        ax.set_yscale("log")
-    ax.set_xlabel("GBOPs per image")
-    ax.set_ylabel("total sensitivity Ω (weights + activations)")
-    ax.set_title("BOPs against total Ω")
+    ax.set_title(f"{unit.split(' (')[0].capitalize()} against total Ω")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -220,10 +205,10 @@ def write_report(root: str | Path) -> Path:
                "![bits per layer](figures/plan.png)", ""]
         _fig_plan(plan, traces, figs / "plan.png")
         if frontier:
-            _fig_frontier(frontier, plan, figs / "frontier.png")
+            _fig_frontier(frontier["points"], plan, figs / "frontier.png", "size_bytes")
             md += ["![Pareto frontier](figures/frontier.png)", ""]
             if frontier.get("bops_points"):
-                _fig_frontier_bops(frontier, plan, figs / "frontier_bops.png")
+                _fig_frontier(frontier["bops_points"], plan, figs / "frontier_bops.png", "bops")
                 md += ["![BOPs frontier](figures/frontier_bops.png)", ""]
     if traces:
         _fig_traces(traces, figs / "traces.png")
