@@ -55,7 +55,7 @@ from hawq.train import TrainConfig, evaluate, train
 ROOT = Path(__file__).resolve().parents[1]
 FULL = dict(budgets=[4.0, 3.0, 2.5, 2.25], seeds=[0, 1, 2], allocators=list(ALLOCATORS), ft_images=2560,
             test_images=5000, trace_images=2048, diag_images=512, eig_images=128, eig_iters=20, random_plans=50,
-            random_budget=3.0, a_bits=4, act_budgets=[3.0])
+            random_budget=3.0, a_bits=4, act_budgets=[4.0, 3.0, 2.5, 2.25])
 QUICK = dict(budgets=[2.5], seeds=[0], allocators=["uniform", "hawq"], ft_images=256, test_images=1000,
              trace_images=128, diag_images=64, eig_images=64, eig_iters=3, random_plans=4, random_budget=2.5, a_bits=0,
              act_budgets=[2.5])
