@@ -33,6 +33,7 @@ from hawq import classification as task
 from hawq.alloc import (
     ALLOCATORS,
     best_plan,
+    eig_bound_plan,
     empirical_fisher,
     fisher_plan,
     make_plan,
@@ -60,7 +61,8 @@ QUICK = dict(budgets=[2.5], seeds=[0], allocators=["uniform", "hawq"], ft_images
              trace_images=128, diag_images=64, eig_images=64, eig_iters=3, random_plans=4, random_budget=2.5, a_bits=0,
              act_budgets=[2.5])
 CACHED = "loaded from the cache: computed earlier for the same weights and settings"
-NAMES = {"uniform": "uniform", "random": "random", "reversed": "reversed", "v1": "HAWQ-V1 (eigenvalue)",
+NAMES = {"uniform": "uniform", "random": "random", "reversed": "reversed", "v1": "HAWQ-V1 (eigenvalue / n)",
+         "eigbound": "eigenvalue bound",
          "fisher": "empirical Fisher", "monotone": "monotone in trace", "hawq": "HAWQ-V2 (trace)",
          "diag": "HAWQ-V2 diagonal"}
 
@@ -139,6 +141,7 @@ def allocate(name: str, tables: dict, budget: float, m: dict, seed: int):
         return make_plan(t, best_plan(tables["diag"], budget).w_bits)
     fns = {"uniform": lambda: uniform_plan(t, budget), "random": lambda: random_plan(t, budget, seed=seed),
            "reversed": lambda: reversed_plan(t, budget), "v1": lambda: v1_plan(t, budget, m["eig"]),
+           "eigbound": lambda: eig_bound_plan(t, budget, m["eig"]),
            "fisher": lambda: fisher_plan(t, budget, m["fisher"]), "monotone": lambda: monotone_plan(t, budget),
            "hawq": lambda: best_plan(t, budget)}
     return fns[name]()
@@ -187,9 +190,22 @@ def pm(xs, digits: int = 2) -> str:
     return f"{m:.{digits}f}" if np.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def section(rows: list[dict], a_bits: int | None, allocs: list[str]) -> tuple[list[str], list[str]]:
-    """Tables per budget and the plain statements of where HAWQ-V2 does not win."""
+def verdict(d: list[float]) -> str:
+    """Paired differences (allocator - HAWQ-V2): 'ahead' (HAWQ-V2 leads by > 2 SE), 'behind' (the other leads
+    by > 2 SE), or 'close' (within two standard errors, or an exact tie)."""
+    m, s = mean_se(d)
+    s = 0.0 if np.isnan(s) else s
+    return "ahead" if m + 2 * s < 0 else "behind" if m - 2 * s > 0 else "close"
+
+
+def section(rows: list[dict], a_bits: int | None, allocs: list[str],
+            tally: dict | None = None) -> tuple[list[str], list[str]]:
+    """Tables per budget and the plain statements of where HAWQ-V2 does not win.
+
+    `tally`, when given, counts per phase how the paired comparisons came out: HAWQ-V2 ahead by more than two
+    standard errors, close, behind by more than two, or the same plans."""
     lines, losses = [], []
+    tally = {} if tally is None else tally
     for budget in sorted({r["budget_bits"] for r in rows if r["a_bits"] == a_bits}, reverse=True):
         sub = [r for r in rows if r["a_bits"] == a_bits and r["budget_bits"] == budget]
         ref = {r["seed"]: r for r in sub if r["allocator"] == "hawq"}
@@ -210,13 +226,17 @@ def section(rows: list[dict], a_bits: int | None, allocs: list[str]) -> tuple[li
             for phase in ("before", "after"):
                 if name == "hawq" or not ref or same:
                     cells.append("same plans" if same else "—")
+                    if same:
+                        tally.setdefault(phase, {}).setdefault("same", []).append((budget, name))
                     continue
                 d = [r[phase] - ref[r["seed"]][phase] for r in rs if r["seed"] in ref]
                 cells.append(pm(d))
+                tally.setdefault(phase, {}).setdefault(verdict(d), []).append((budget, name))
                 m, s = mean_se(d)
                 if m > 0:
+                    close = "" if verdict(d) == "behind" else ", within two standard errors"
                     losses.append(f"{where}, {phase} fine-tuning: {NAMES[name]} is ahead of HAWQ-V2 by {m:.2f}"
-                                  f"{'' if np.isnan(s) else f' ± {s:.2f}'} points")
+                                  f"{'' if np.isnan(s) else f' ± {s:.2f}'} points{close}")
                 elif m == 0:
                     losses.append(f"{where}, {phase} fine-tuning: {NAMES[name]} ties HAWQ-V2 (Δ = 0)")
                 elif not np.isnan(s) and m + 2 * s >= 0:
@@ -225,6 +245,43 @@ def section(rows: list[dict], a_bits: int | None, allocs: list[str]) -> tuple[li
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines, losses
+
+
+def summary_lines(title: str, tally: dict) -> list[str]:
+    out = []
+    for phase in ("before", "after"):
+        t = tally.get(phase, {})
+        n = sum(len(v) for v in t.values())
+        if not n:
+            continue
+        part = {k: len(v) for k, v in t.items()}.get
+        behind = "; ".join(f"{NAMES[nm]} at {b:g} bits" for b, nm in t.get("behind", []))
+        out.append(f"- {title}, {phase} fine-tuning: of {n} comparisons HAWQ-V2 is ahead in {part('ahead', 0)}, "
+                   f"within two standard errors in {part('close', 0)}, behind in {part('behind', 0)}"
+                   + (f" ({behind})" if behind else "") + f", and {part('same', 0)} chose HAWQ-V2's own plans.")
+    return out
+
+
+def sensitivity_lines(run: dict) -> list[str]:
+    """How the per-layer scores of the baselines relate to the traces (runs that recorded them)."""
+    sens = run.get("sensitivities")
+    if not sens:
+        return []
+    out = []
+    for key, label in (("fisher", "empirical Fisher"), ("eig_n", "top eigenvalue / n"), ("eig", "top eigenvalue")):
+        if any(key not in s for s in sens.values()):
+            continue
+        rhos, ratios = [], []
+        for s in sens.values():
+            f = sorted(s["traces"])
+            t, o = np.array([s["traces"][x] for x in f]), np.array([s[key][x] for x in f])
+            rhos.append(stats.spearmanr(t, o)[0])
+            ratios.append(o / t)
+        r = np.concatenate(ratios)
+        out.append(f"- Per-layer {label} against the trace, over the {len(f)} free layers: Spearman "
+                   f"{min(rhos):.3f} to {max(rhos):.3f} across seeds; ratio {label} / trace {r.min():.3g} to "
+                   f"{r.max():.3g}.")
+    return out
 
 
 def figure(rows: list[dict], a_bits: int | None, path: Path, allocs: list[str]) -> None:
@@ -268,6 +325,7 @@ def main(a: argparse.Namespace) -> None:
     x1 = data.train.images[:1]
     ev, rows, meas = Evaluator(fp32, data, test, a), [], {}
     free = [r.fqn for r in sizing_table(fp32).layers if not r.fixed]
+    n_params = {r.fqn: r.n_params for r in sizing_table(fp32).layers}
     for seed in a.seeds:
         m = meas[seed] = measures(fp32, data.train, seed, free, a, progress)
         tables = {"trace": sensitivity_table(fp32, m["traces"], example_input=x1, progress=False),
@@ -293,7 +351,10 @@ def main(a: argparse.Namespace) -> None:
         p = random_plan(corr_table, budget, seed=10_000 + k)
         rand.append({"omega": p.omega, "omega_diag": make_plan(diag_table, p.w_bits).omega,
                      "size_bytes": p.size_bytes, "drop": fp32_top1 - ev(p, 0, finetune=False)[0]})
-    run = {"settings": {k: getattr(a, k) for k in FULL}, "test_images": a.test_images,
+    run = {"settings": {k: getattr(a, k) for k in FULL} | {"threads": a.threads}, "test_images": a.test_images,
+           "sensitivities": {s: {k: {f: float(m[k][f]) for f in free} for k in ("traces", "fisher", "eig")}
+                             | {"eig_n": {f: float(m["eig"][f]) / n_params[f] for f in free}}
+                             for s, m in meas.items()},
            "argv": ["bench/accuracy.py", *sys.argv[1:]], "rows": rows, "random": rand,
            "measures": {s: {"wall_s": m["wall_s"], "cached": m["cached"]} for s, m in meas.items()},
            "source": record["source"], "fp32_top1": fp32_top1, "ft_s": ev.ft_s, "eval_s": ev.eval_s,
@@ -325,6 +386,9 @@ def write_page(run: dict, out: Path, raw: Path) -> None:
          f"Generated by `.venv/bin/python {' '.join(shlex.quote(x) for x in run['argv'])}` on "
          f"{run['finished']}; every number on this page comes from that run (its raw records: "
          f"[{raw.name}]({raw.name})).", ""]
+    if run.get("rendered"):
+        L += [f"Page rendered again from those raw records on {run['rendered']} (`--render`) after a change to "
+              "its layout and wording; the numbers are the run's.", ""]
     if reduced:
         L += ["**This is a REDUCED run**, not the full design; settings that differ from the full defaults: "
               + ", ".join(f"`{k}={v}` (full: `{FULL[k]}`)" for k, v in reduced.items()) + ". "
@@ -348,7 +412,9 @@ def write_page(run: dict, out: Path, raw: Path) -> None:
           "- Total Omega is HAWQ-V2's (trace) Omega of each plan, whichever allocator chose it.",
           "- Allocators: uniform = the largest single width that fits (at 2.5 and 2.25 bits that is 2 bits, "
           "so it spends less than the budget); random = log-uniform random per-layer scores through the same "
-          "exact knapsack; reversed = 1/trace as the score; HAWQ-V1 = top eigenvalue × ||Q(W)−W||²; empirical "
+          "exact knapsack; reversed = 1/trace as the score; HAWQ-V1 = its sensitivity λ/n (top eigenvalue "
+          "of the layer's Hessian block per parameter) × ||Q(W)−W||²; eigenvalue bound = λ × ||Q(W)−W||², "
+          "the worst case over directions (an upper bound on the second-order loss change); empirical "
           "Fisher = mean squared per-image gradient (true labels) × ||Q(W)−W||²; monotone = widths "
           "non-increasing in descending trace order, least Omega among those plans; HAWQ-V2 = trace × "
           "||Q(W)−W||² (exact knapsack); diagonal = ½ Σ H_jj (Q(W)_j − W_j)².",
@@ -358,14 +424,21 @@ def write_page(run: dict, out: Path, raw: Path) -> None:
           "not in them.",
           ""]
     sections = [(None, "Weights only")] + ([(a.a_bits, f"Weights and {a.a_bits}-bit activations")] if a.a_bits else [])
-    all_losses = []
+    all_losses, summary = [], []
+    body = []
     for ab, title in sections:
-        lines, losses = section(rows, ab, allocs)
+        tally: dict = {}
+        lines, losses = section(rows, ab, allocs, tally)
         all_losses += losses
+        summary += summary_lines(title, tally)
         name = "results_accuracy_vs_size" + ("" if ab is None else f"_a{ab}") + ".png"
         figure(rows, ab, fig_dir / name, allocs)
-        L += [f"## {title}", "", f"![accuracy versus size](figures/{name})", "", *lines]
-    L += ["## Where HAWQ-V2 does not win", ""]
+        body += [f"## {title}", "", f"![accuracy versus size](figures/{name})", "", *lines]
+    L += ["## Summary", "", "Each comparison is one baseline at one budget, paired by seed with HAWQ-V2; "
+          "\"ahead\" and \"behind\" mean by more than two standard errors of the paired difference.", "",
+          *summary, *sensitivity_lines(run), "", *body]
+    L += ["## Where HAWQ-V2 does not win", "",
+          "Every comparison in which HAWQ-V2 was not ahead by more than two standard errors:", ""]
     L += [f"- {s}" for s in all_losses] or ["- Nowhere in this run: HAWQ-V2's mean was higher than every "
                                             "baseline's by more than two standard errors."]
     if rand:
@@ -381,9 +454,11 @@ def write_page(run: dict, out: Path, raw: Path) -> None:
               f"{len({round(x, 12) for x in om})} distinct plans."]
     wall, ft_s, eval_s = run["wall_s"], run["ft_s"], run["eval_s"]
     mw = {s: m["wall_s"] for s, m in meas.items()}
+    busy = max(run["load"]) > a.threads + 0.5 if "threads" in run["settings"] else max(run["load"]) > 2.5
     L += ["", "## Machine and cost", "",
-          f"- {run['machine']}; load average at start {run['load'][0]:.1f}, at end {run['load'][1]:.1f} "
-          "(above the thread count, other jobs shared the machine and every wall time here is inflated).",
+          f"- {run['machine']}; load average (1 min) at start {run['load'][0]:.1f}, at end {run['load'][1]:.1f}"
+          + (": above the thread count, so other jobs shared the machine and the wall times are inflated."
+             if busy else "."),
           f"- Total wall time {wall / 60:.1f} min. Per seed (traces, diagonal, eigenvalues, Fisher, s): "
           + "; ".join(f"seed {s}: {w['traces']:.0f}, {w['diag']:.0f}, {w['eig']:.0f}, {w['fisher']:.0f}"
                       + (f" ({CACHED})" if meas[s]["cached"] else "") for s, w in mw.items()) + ".",
@@ -402,6 +477,8 @@ def write_page(run: dict, out: Path, raw: Path) -> None:
 if __name__ == "__main__":
     args = parse()
     if args.render:
-        write_page(json.loads(Path(args.render).read_text()), Path(args.out), Path(args.render))
+        recorded = json.loads(Path(args.render).read_text())
+        recorded["rendered"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        write_page(recorded, Path(args.out), Path(args.render))
     else:
         main(args)

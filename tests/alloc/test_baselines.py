@@ -15,6 +15,7 @@ from torch.func import functional_call, hessian
 import hawq
 from hawq.alloc import (
     SensitivityTable,
+    eig_bound_plan,
     empirical_fisher,
     fisher_plan,
     hawq_plan,
@@ -60,7 +61,8 @@ def test_every_baseline_within_budget(table_factory, seed):
     for budget in budgets(table):
         plans = [
             hawq_plan(table, budget), uniform_plan(table, budget), random_plan(table, budget, seed=seed),
-            reversed_plan(table, budget), v1_plan(table, budget, scores), fisher_plan(table, budget, scores),
+            reversed_plan(table, budget), v1_plan(table, budget, scores), eig_bound_plan(table, budget, scores),
+            fisher_plan(table, budget, scores),
             monotone_plan(table, budget),
         ]
         for p in plans:
@@ -77,9 +79,14 @@ def test_score_plans_are_exact_for_their_scores(table_factory, seed):
     scores = {r.fqn: float(s) for r, s in zip(table.layers, np.random.default_rng(seed).uniform(0, 3, 5))}
     rescored = rescored_table(table, scores)
     for budget in budgets(table)[:4]:
-        p = v1_plan(table, budget, scores)
+        p = eig_bound_plan(table, budget, scores)
         ref = brute_min(rescored, int(budget * 8))
         assert sum(rescored[f].omega[b] for f, b in p.w_bits.items()) == pytest.approx(ref, rel=1e-12)
+        # HAWQ-V1: the eigenvalue per parameter, lambda_i / n_i
+        per_param = rescored_table(table, {f: s / table[f].n_params for f, s in scores.items()})
+        v = v1_plan(table, budget, scores)
+        assert sum(per_param[f].omega[b] for f, b in v.w_bits.items()) == pytest.approx(
+            brute_min(per_param, int(budget * 8)), rel=1e-12)
         inv = rescored_table(table, {r.fqn: 1 / r.trace for r in table.layers})
         q = reversed_plan(table, budget)
         assert sum(inv[f].omega[b] for f, b in q.w_bits.items()) == pytest.approx(

@@ -3,6 +3,7 @@
 from hawq.alloc.activations import activation_omega, activation_perturbations
 from hawq.alloc.baselines import (
     ALLOCATORS,
+    eig_bound_plan,
     empirical_fisher,
     fisher_plan,
     hawq_plan,
@@ -78,5 +79,6 @@ __all__ = [
     "top_eigenvalues",
     "uniform_plan",
     "v1_plan",
+    "eig_bound_plan",
     "weight_frontier",
 ]

@@ -40,7 +40,7 @@ from hawq.hessian.detect import inspect_model
 from hawq.hessian.estimate import estimation_mode, resolve_layers
 from hawq.hessian.persample import capture_io, gn_backward, sq_norms
 
-ALLOCATORS = ("uniform", "random", "reversed", "v1", "fisher", "monotone", "hawq", "diag")
+ALLOCATORS = ("uniform", "random", "reversed", "v1", "eigbound", "fisher", "monotone", "hawq", "diag")
 
 
 # --------------------------------------------------------------------------------------------- scores
@@ -111,7 +111,15 @@ def reversed_plan(table: SensitivityTable, budget_bytes: float) -> Plan:
 
 
 def v1_plan(table: SensitivityTable, budget_bytes: float, eigenvalues: Mapping[str, float]) -> Plan:
-    """HAWQ-V1's sensitivity: top Hessian eigenvalue per layer (`top_eigenvalues`) as the score."""
+    """HAWQ-V1's sensitivity S_i = lambda_i / n_i: the top Hessian eigenvalue of each layer's block
+    (`top_eigenvalues`) per parameter, in place of HAWQ-V2's Tr(H_i) / n_i, through the same knapsack."""
+    return score_plan(table, budget_bytes,
+                      {f: max(float(eigenvalues[f]), 0.0) / table[f].n_params for f in _free(table)})
+
+
+def eig_bound_plan(table: SensitivityTable, budget_bytes: float, eigenvalues: Mapping[str, float]) -> Plan:
+    """The top eigenvalue itself as the score: sum_i lambda_i ||Q(W_i) - W_i||^2 bounds the second-order
+    loss change from above (dW' H dW <= lambda ||dW||^2), the worst case HAWQ-V2's average replaces."""
     return score_plan(table, budget_bytes, {f: max(float(eigenvalues[f]), 0.0) for f in _free(table)})
 
 
@@ -328,4 +336,5 @@ __all__ = [
     "top_eigenvalues",
     "uniform_plan",
     "v1_plan",
+    "eig_bound_plan",
 ]
