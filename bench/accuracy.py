@@ -435,7 +435,8 @@ def write_page(run: dict, out: Path, raw: Path) -> None:
         figure(rows, ab, fig_dir / name, allocs)
         body += [f"## {title}", "", f"![accuracy versus size](figures/{name})", "", *lines]
     L += ["## Summary", "", "Each comparison is one baseline at one budget, paired by seed with HAWQ-V2; "
-          "\"ahead\" and \"behind\" mean by more than two standard errors of the paired difference.", "",
+          "\"ahead\" and \"behind\" mean by more than two standard errors of the paired difference"
+          + (" (one seed here, so no standard errors: the sign of the difference)." if len(a.seeds) < 2 else "."), "",
           *summary, *sensitivity_lines(run), "", *body]
     L += ["## Where HAWQ-V2 does not win", "",
           "Every comparison in which HAWQ-V2 was not ahead by more than two standard errors:", ""]

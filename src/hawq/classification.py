@@ -86,18 +86,28 @@ def full_precision_model(
         return model.to(cfg.device).eval(), {"source": f"checkpoint {cfg.checkpoint}"}
     tcfg = fp_train_config(cfg, len(data.train))
     key = cache_key(cfg, tcfg, len(data.train))
-    cached = cache_dir() / "fp32" / f"{cfg.model}-{cfg.dataset}-{key}.pt"
+    return cached_or_trained(
+        model, lambda: build(cfg), cache_dir() / "fp32" / f"{cfg.model}-{cfg.dataset}-{key}.pt", cfg.device,
+        lambda m: train_data_parallel(m, data.train, tcfg, progress=progress, desc="train fp32"),
+        {"cache_key": key, "train": tcfg.to_dict()}, tcfg.to_dict())
+
+
+def cached_or_trained(model: nn.Module, rebuild, cached: Path, device, train_fn, record: dict,
+                      train_record) -> tuple[nn.Module, dict]:
+    """The model from the cache file `cached` when it loads, else trained by `train_fn(model)` (which returns
+    a dict of statistics) and saved there atomically. `rebuild()` makes a fresh model after a failed load;
+    `record` goes into the returned record, `train_record` into the cache file."""
     if cached.exists():
         try:
             load_state_into(model, cached)
-            return model.to(cfg.device).eval(), {"source": f"cache {cached}", "cache_key": key, "train": tcfg.to_dict()}
+            return model.to(device).eval(), {"source": f"cache {cached}", **record}
         except ValueError as e:
             print(f"hawq: ignoring the cached model ({e}); training again", file=sys.stderr)
-            model = build(cfg)
-    model.to(cfg.device)
-    stats = train_data_parallel(model, data.train, tcfg, progress=progress, desc="train fp32")
-    save_torch(cached, {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": tcfg.to_dict()})
-    return model.eval(), {"source": "trained", "cache_key": key, "train": tcfg.to_dict(), **stats}
+            model = rebuild()
+    model.to(device)
+    stats = train_fn(model)
+    save_torch(cached, {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": train_record})
+    return model.eval(), {"source": "trained", **record, **stats}
 
 
 def train_data_parallel(model: nn.Module, data, tcfg: TrainConfig, *, teacher: nn.Module | None = None,

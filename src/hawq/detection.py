@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from hawq.classification import cache_dir, load_state_into
+from hawq.classification import cache_dir, cached_or_trained, load_state_into
 from hawq.config import RunConfig
 from hawq.data.detection_synth import (
     CachedDetection,
@@ -22,7 +21,6 @@ from hawq.data.detection_synth import (
     make_detection_set,
 )
 from hawq.data.fashion_mnist import find_data_dir
-from hawq.io import save_torch
 from hawq.tasks.detection import (
     create_detector,
     detection_loss_fn,
@@ -71,19 +69,15 @@ class DetectionTask:
                  "n_train": len(data.train), "epochs": epochs,
                  "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "flip": True, "algo": 1}
         key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-        cached = cache_dir() / "fp32" / f"{cfg.model}-detection-{key}.pt"
-        if cached.exists():
-            try:
-                load_state_into(model, cached)
-                return model.to(cfg.device).eval(), {"source": f"cache {cached}", "cache_key": key}
-            except ValueError as e:
-                print(f"hawq: ignoring the cached model ({e}); training again", file=sys.stderr)
-                model = self.build_model(cfg)
-        model.to(cfg.device)
-        loader = detection_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, flip=True)
-        history = train_detector(model, loader, epochs=epochs, lr=cfg.lr, seed=cfg.seed, progress=progress)
-        save_torch(cached, {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": ident})
-        return model.eval(), {"source": "trained", "cache_key": key, "final_loss": history[-1]}
+
+        def train(m: nn.Module) -> dict:
+            loader = detection_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, flip=True)
+            return {"final_loss": train_detector(m, loader, epochs=epochs, lr=cfg.lr, seed=cfg.seed,
+                                                 progress=progress)[-1]}
+
+        return cached_or_trained(model, lambda: self.build_model(cfg),
+                                 cache_dir() / "fp32" / f"{cfg.model}-detection-{key}.pt", cfg.device, train,
+                                 {"cache_key": key}, ident)
 
     def evaluate(self, model: nn.Module, data: DetectionData, progress: bool) -> dict[str, float]:
         scores = evaluate_map(model, detection_loader(data.val, 32), progress=progress)
