@@ -301,7 +301,9 @@ def figure(rows: list[dict], a_bits: int | None, path: Path, allocs: list[str]) 
                     pts.append((np.mean([r["size_bytes"] / 1024 for r in rs]), *mean_se([r[phase] for r in rs])))
             if pts:
                 x, y, e = zip(*pts)
-                ax.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=3, label=NAMES[name])
+                # HAWQ-V2 on top in black, drawn last, so baselines with the same plans do not hide it
+                style = dict(color="black", lw=2.5, zorder=5, ms=7) if name == "hawq" else dict(lw=1.2, alpha=0.8)
+                ax.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=3, label=NAMES[name], **style)
         ax.set_xlabel("model size (KiB)")
         ax.set_ylabel("top-1 (%)")
         ax.set_title(f"{phase} fine-tuning" + ("" if a_bits is None else f", {a_bits}-bit activations"))
