@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -190,20 +191,31 @@ def pm(xs, digits: int = 2) -> str:
     return f"{m:.{digits}f}" if np.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def verdict(d: list[float]) -> str:
-    """Paired differences (allocator - HAWQ-V2): 'ahead' (HAWQ-V2 leads by > 2 SE), 'behind' (the other leads
-    by > 2 SE), or 'close' (within two standard errors, or an exact tie)."""
+def test_se(acc_a: float, acc_b: float, n_test: int) -> float:
+    """Worst-case standard error (points) of the top-1 difference of two models on the same `n_test` images:
+    McNemar's, with the two models' errors on disjoint images (the most disagreement their accuracies allow)."""
+    d = min(1.0, (100.0 - acc_a) / 100.0 + (100.0 - acc_b) / 100.0)
+    return 100.0 * float(np.sqrt(max(d, 0.0) / n_test))
+
+
+def verdict(d: list[float], acc: float, acc_ref: float, n_test: int) -> str:
+    """Paired differences d (allocator - HAWQ-V2 per seed): 'ahead' (HAWQ-V2 significantly ahead), 'behind'
+    (the allocator significantly ahead) or 'close'. Significant: |mean| above both the 95% Student-t interval
+    over seeds and twice the worst-case test-sampling error `test_se` (the seeds share the test images)."""
     m, s = mean_se(d)
-    s = 0.0 if np.isnan(s) else s
-    return "ahead" if m + 2 * s < 0 else "behind" if m - 2 * s > 0 else "close"
+    crit = float(stats.t.ppf(0.975, len(d) - 1)) if len(d) > 1 else 0.0
+    margin = max(crit * (0.0 if np.isnan(s) else s), 2 * test_se(acc, acc_ref, n_test))
+    return "ahead" if m < -margin else "behind" if m > margin else "close"
 
 
-def section(rows: list[dict], a_bits: int | None, allocs: list[str],
-            tally: dict | None = None) -> tuple[list[str], list[str]]:
-    """Tables per budget and the plain statements of where HAWQ-V2 does not win.
+def section(rows: list[dict], a_bits: int | None, allocs: list[str], n_test: int,
+            tally: dict | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Tables per budget and the plain statements of where HAWQ-V2 does not win, as (kind, text): kind 'behind'
+    (a baseline significantly ahead), 'close+' (a baseline ahead or equal, not significantly), 'same' (HAWQ-V2's
+    own plans on every seed) or 'close-' (HAWQ-V2 ahead, not significantly).
 
-    `tally`, when given, counts per phase how the paired comparisons came out: HAWQ-V2 ahead by more than two
-    standard errors, close, behind by more than two, or the same plans."""
+    `tally`, when given, collects per phase how the paired comparisons came out (`verdict`), and the baselines
+    that chose HAWQ-V2's own plans on every seed ('same')."""
     lines, losses = [], []
     tally = {} if tally is None else tally
     for budget in sorted({r["budget_bits"] for r in rows if r["a_bits"] == a_bits}, reverse=True):
@@ -220,28 +232,33 @@ def section(rows: list[dict], a_bits: int | None, allocs: list[str],
                      pm([r["bops"] / 1e9 for r in rs], 2), pm([r["omega"] for r in rs], 4),
                      pm([r["before"] for r in rs]), pm([r["after"] for r in rs])]
             where = f"uniform-{budget:g}-bit budget{'' if a_bits is None else f', {a_bits}-bit activations'}"
-            same = name != "hawq" and all(r["w_bits"] == ref[r["seed"]]["w_bits"] for r in rs if r["seed"] in ref)
+            paired = [r for r in rs if r["seed"] in ref]
+            same = name != "hawq" and bool(paired) and len(paired) == len(rs) and all(
+                r["w_bits"] == ref[r["seed"]]["w_bits"] for r in paired)
             if same:
-                losses.append(f"{where}: {NAMES[name]} chose the same plans as HAWQ-V2 on every seed (a tie)")
+                losses.append(("same", f"{where}: {NAMES[name]}"))
             for phase in ("before", "after"):
-                if name == "hawq" or not ref or same:
+                if name == "hawq" or not paired or same:
                     cells.append("same plans" if same else "—")
                     if same:
                         tally.setdefault(phase, {}).setdefault("same", []).append((budget, name))
                     continue
-                d = [r[phase] - ref[r["seed"]][phase] for r in rs if r["seed"] in ref]
+                d = [r[phase] - ref[r["seed"]][phase] for r in paired]
                 cells.append(pm(d))
-                tally.setdefault(phase, {}).setdefault(verdict(d), []).append((budget, name))
+                v = verdict(d, float(np.mean([r[phase] for r in paired])),
+                            float(np.mean([ref[r["seed"]][phase] for r in paired])), n_test)
+                tally.setdefault(phase, {}).setdefault(v, []).append((budget, name))
                 m, s = mean_se(d)
-                if m > 0:
-                    close = "" if verdict(d) == "behind" else ", within two standard errors"
-                    losses.append(f"{where}, {phase} fine-tuning: {NAMES[name]} is ahead of HAWQ-V2 by {m:.2f}"
-                                  f"{'' if np.isnan(s) else f' ± {s:.2f}'} points{close}")
-                elif m == 0:
-                    losses.append(f"{where}, {phase} fine-tuning: {NAMES[name]} ties HAWQ-V2 (Δ = 0)")
-                elif not np.isnan(s) and m + 2 * s >= 0:
-                    losses.append(f"{where}, {phase} fine-tuning: HAWQ-V2 leads {NAMES[name]} by only {-m:.2f} ± "
-                                  f"{s:.2f} points, within two standard errors (not a clear win)")
+                pm_s = "" if np.isnan(s) else f" ± {s:.2f}"
+                head = f"{where}, {phase} fine-tuning: "
+                if v == "behind":
+                    losses.append(("behind", f"{head}{NAMES[name]} is ahead of HAWQ-V2 by {m:.2f}{pm_s} points"))
+                elif v == "close" and m > 0:
+                    losses.append(("close+", f"{head}{NAMES[name]} is ahead of HAWQ-V2 by {m:.2f}{pm_s} points"))
+                elif v == "close" and m < 0:
+                    losses.append(("close-", f"{head}HAWQ-V2 is ahead of {NAMES[name]} by {-m:.2f}{pm_s} points"))
+                elif v == "close":
+                    losses.append(("close+", f"{head}{NAMES[name]} and HAWQ-V2 are equal on average (Δ = 0.00{pm_s})"))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines, losses
@@ -257,7 +274,7 @@ def summary_lines(title: str, tally: dict) -> list[str]:
         part = {k: len(v) for k, v in t.items()}.get
         behind = "; ".join(f"{NAMES[nm]} at {b:g} bits" for b, nm in t.get("behind", []))
         out.append(f"- {title}, {phase} fine-tuning: of {n} comparisons HAWQ-V2 is ahead in {part('ahead', 0)}, "
-                   f"within two standard errors in {part('close', 0)}, behind in {part('behind', 0)}"
+                   f"not significantly different in {part('close', 0)}, behind in {part('behind', 0)}"
                    + (f" ({behind})" if behind else "") + f", and {part('same', 0)} chose HAWQ-V2's own plans.")
     return out
 
@@ -430,20 +447,31 @@ def write_page(run: dict, out: Path, raw: Path) -> None:
     body = []
     for ab, title in sections:
         tally: dict = {}
-        lines, losses = section(rows, ab, allocs, tally)
+        lines, losses = section(rows, ab, allocs, a.test_images, tally)
         all_losses += losses
         summary += summary_lines(title, tally)
         name = "results_accuracy_vs_size" + ("" if ab is None else f"_a{ab}") + ".png"
         figure(rows, ab, fig_dir / name, allocs)
         body += [f"## {title}", "", f"![accuracy versus size](figures/{name})", "", *lines]
-    L += ["## Summary", "", "Each comparison is one baseline at one budget, paired by seed with HAWQ-V2; "
-          "\"ahead\" and \"behind\" mean by more than two standard errors of the paired difference"
-          + (" (one seed here, so no standard errors: the sign of the difference)." if len(a.seeds) < 2 else "."), "",
+    crit = float(stats.t.ppf(0.975, len(a.seeds) - 1)) if len(a.seeds) > 1 else 0.0
+    L += ["## Summary", "", "Each comparison is one baseline at one budget, paired by seed with HAWQ-V2. \"Ahead\" "
+          "and \"behind\" mean significantly: the mean paired difference exceeds both the 95% Student-t interval "
+          f"over seeds ({crit:.2f} standard errors for {len(a.seeds)} seeds) and twice the worst-case "
+          f"test-sampling error of a paired difference on the same {a.test_images} images (McNemar, with the two "
+          "models' errors on disjoint images: 100·sqrt((e₁ + e₂)/N) points, 0.6 points for two models at 91%)"
+          + (" (one seed here: no interval over seeds)." if len(a.seeds) < 2 else "."), "",
           *summary, *sensitivity_lines(run), "", *body]
     L += ["## Where HAWQ-V2 does not win", "",
-          "Every comparison in which HAWQ-V2 was not ahead by more than two standard errors:", ""]
-    L += [f"- {s}" for s in all_losses] or ["- Nowhere in this run: HAWQ-V2's mean was higher than every "
-                                            "baseline's by more than two standard errors."]
+          "Every comparison in which HAWQ-V2 was not significantly ahead (see the summary for the test):", ""]
+    groups = [("behind", "A baseline significantly ahead of HAWQ-V2"),
+              ("close+", "A baseline ahead of HAWQ-V2 or equal, not significantly"),
+              ("same", "A baseline that chose HAWQ-V2's own plans on every seed (a tie)"),
+              ("close-", "HAWQ-V2 ahead, but not significantly")]
+    for kind, heading in groups:
+        found = [text for k, text in all_losses if k == kind]
+        L += [f"### {heading} ({len(found)})", "", *([f"- {t}" for t in found] or ["- none"]), ""]
+    if not all_losses:
+        L += ["Nowhere in this run: HAWQ-V2 was significantly ahead of every baseline at every budget.", ""]
     if rand:
         om, dg, dr = (np.array([r[k] for r in rand]) for k in ("omega", "omega_diag", "drop"))
         rho, p = stats.spearmanr(om, dr)
@@ -457,11 +485,14 @@ def write_page(run: dict, out: Path, raw: Path) -> None:
               f"{len({round(x, 12) for x in om})} distinct plans."]
     wall, ft_s, eval_s = run["wall_s"], run["ft_s"], run["eval_s"]
     mw = {s: m["wall_s"] for s, m in meas.items()}
-    busy = max(run["load"]) > a.threads + 0.5 if "threads" in run["settings"] else max(run["load"]) > 2.5
+    found = re.search(r"(\d+) logical cores", run["machine"])  # the run's machine, not this one
+    cores = int(found.group(1)) if found else os.cpu_count() or 1
+    threads = run["settings"].get("threads", 2)
+    busy = run["load"][0] > max(cores - threads, 0) + 0.5 or run["load"][1] > cores + 0.5
     L += ["", "## Machine and cost", "",
           f"- {run['machine']}; load average (1 min) at start {run['load'][0]:.1f}, at end {run['load'][1]:.1f}"
-          + (": above the thread count, so other jobs shared the machine and the wall times are inflated."
-             if busy else "."),
+          + (": more than the run's own threads account for, so other work shared the machine for part of the "
+             "run and the wall times may be inflated." if busy else "."),
           f"- Total wall time {wall / 60:.1f} min. Per seed (traces, diagonal, eigenvalues, Fisher, s): "
           + "; ".join(f"seed {s}: {w['traces']:.0f}, {w['diag']:.0f}, {w['eig']:.0f}, {w['fisher']:.0f}"
                       + (f" ({CACHED})" if meas[s]["cached"] else "") for s, w in mw.items()) + ".",

@@ -37,25 +37,50 @@ def test_losses_name_every_case(acc):
     for s in range(3):
         rows.append(row(s, "hawq", 80.0 + s, 90.0, bits=(2, 4)))
         # clearly behind before, clearly ahead after fine-tuning
-        rows.append(row(s, "uniform", 70.0 + s, 90.5 + 0.01 * s, bits=(3, 3)))
-        # behind by 0.1 with a seed spread of ~1: not a clear win for HAWQ-V2
+        rows.append(row(s, "uniform", 70.0 + s, 92.5 + 0.01 * s, bits=(3, 3)))
+        # behind by 0.1 with a seed spread of ~1: not a clear win for HAWQ-V2; 0.1 behind after, on every seed:
+        # no seed spread, but 5 of 5000 test images is within test-sampling error
         rows.append(row(s, "random", 80.0 + s - 0.1 + (1.0 if s == 0 else -0.5), 90.0 - 0.1, bits=(4, 2)))
         # the same plan as HAWQ-V2 on every seed: a tie, whatever the numbers
         rows.append(row(s, "monotone", 80.0 + s, 90.0, bits=(2, 4)))
-    lines, losses = acc.section(rows, None, ["uniform", "random", "monotone", "hawq"])
-    text = "\n".join(losses)
-    assert "after fine-tuning: uniform is ahead of HAWQ-V2 by 0.51" in text
-    assert "before fine-tuning: uniform" not in text
-    assert "before fine-tuning: HAWQ-V2 leads random by only" in text
-    assert "monotone in trace chose the same plans as HAWQ-V2 on every seed" in text
+    tally: dict = {}
+    lines, losses = acc.section(rows, None, ["uniform", "random", "monotone", "hawq"], 5000, tally)
+    kinds = {text.split(": ", 1)[1]: kind for kind, text in losses}
+    assert kinds == {"uniform is ahead of HAWQ-V2 by 2.51 ± 0.01 points": "behind",
+                     "HAWQ-V2 is ahead of random by 0.10 ± 0.50 points": "close-",
+                     "HAWQ-V2 is ahead of random by 0.10 ± 0.00 points": "close-",
+                     "monotone in trace": "same"}
+    assert [t.split(": ")[0] for _, t in losses] == [
+        "uniform-3-bit budget, after fine-tuning", "uniform-3-bit budget, before fine-tuning",
+        "uniform-3-bit budget, after fine-tuning", "uniform-3-bit budget"]
+    assert tally["before"] == {"ahead": [(3.0, "uniform")], "close": [(3.0, "random")], "same": [(3.0, "monotone")]}
+    assert tally["after"] == {"behind": [(3.0, "uniform")], "close": [(3.0, "random")], "same": [(3.0, "monotone")]}
     table = [ln for ln in lines if ln.startswith("| uniform")]
-    assert len(table) == 1 and "-10.00 ± 0.00" in table[0] and "0.51 ± 0.01" in table[0]
+    assert len(table) == 1 and "-10.00 ± 0.00" in table[0] and "2.51 ± 0.01" in table[0]
+
+
+def test_significance_needs_seeds_and_test_images(acc):
+    # 3 seeds: Student t with 2 degrees of freedom (4.30), not 2 standard errors
+    d = [-1.0, -2.0, -3.0]  # mean -2, standard error 0.577: 3.5 SE, inside 4.30 SE
+    assert acc.verdict(d, 80.0, 82.0, 10**9) == "close"
+    assert acc.verdict([-1.9, -2.0, -2.1], 80.0, 82.0, 10**9) == "ahead"
+    # identical results on every seed: only the test images limit it; worst case sqrt(0.38 / N) at 80%/82%
+    assert acc.test_se(80.0, 82.0, 5000) == pytest.approx(100 * (0.38 / 5000) ** 0.5)
+    assert acc.verdict([-1.5] * 3, 80.0, 81.5, 5000) == "close"  # 2 x 0.87 > 1.5
+    assert acc.verdict([-2.0] * 3, 80.0, 82.0, 5000) == "ahead"
+    assert acc.verdict([2.0] * 3, 82.0, 80.0, 5000) == "behind"
+
+
+def test_runs_without_hawq_claim_no_ties(acc):
+    rows = [row(s, "uniform", 80.0, 90.0) for s in range(3)] + [row(s, "random", 70.0, 85.0) for s in range(3)]
+    lines, losses = acc.section(rows, None, ["uniform", "random"], 5000)
+    assert losses == [] and all("same plans" not in ln for ln in lines)
 
 
 def test_clear_win_is_not_listed(acc):
     rows = [r for s in range(3) for r in (row(s, "hawq", 85.0 + s, 91.0 + s, bits=(2, 4)),
                                           row(s, "uniform", 80.0 + s, 89.0 + s))]
-    _, losses = acc.section(rows, None, ["uniform", "hawq"])
+    _, losses = acc.section(rows, None, ["uniform", "hawq"], 5000)
     assert losses == []
 
 
@@ -77,7 +102,9 @@ def test_render_writes_page_from_raw_records(acc, tmp_path):
     page = out.read_text()
     assert "REDUCED run" in page and "`seeds=[0, 1]`" in page
     assert "## Weights and 4-bit activations" in page
-    assert "uniform is ahead of HAWQ-V2 by 0.20" in page
+    assert "uniform is ahead of HAWQ-V2 by 0.20 ± 0.00 points" in page
+    assert "### A baseline ahead of HAWQ-V2 or equal, not significantly (4)" in page
+    assert "### A baseline significantly ahead of HAWQ-V2 (0)" in page
     assert "**1.000**" in page  # Omega and drop in the same order: Spearman 1
     assert (tmp_path / "figures" / "results_accuracy_vs_size.png").stat().st_size > 0
     assert (tmp_path / "figures" / "results_accuracy_vs_size_a4.png").stat().st_size > 0

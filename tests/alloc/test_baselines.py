@@ -113,6 +113,20 @@ def test_reversed_gives_the_flat_layer_more_bits():
     assert reversed_plan(table, budget).w_bits == {"sharp": 2, "flat": 4}
 
 
+def test_v1_divides_the_eigenvalue_by_the_layer_size():
+    """HAWQ-V1's sensitivity is lambda/n; the eigenvalue bound uses lambda. Here they rank the layers oppositely."""
+    from hawq.alloc import LayerSensitivity
+
+    pert = {2: 1.0, 4: 0.1}
+    rows = (LayerSensitivity("big", 1000, 1.0, (2, 4), pert, dict(pert)),
+            LayerSensitivity("small", 10, 1.0, (2, 4), pert, dict(pert)))
+    table = SensitivityTable(rows, 0, (2, 4))
+    eig = {"big": 100.0, "small": 10.0}  # per parameter: big 0.1, small 1.0
+    budget = (1000 * 4 + 10 * 2) / 8  # one of the two layers at 4 bits, not both
+    assert eig_bound_plan(table, budget, eig).w_bits == {"big": 4, "small": 2}
+    assert v1_plan(table, budget, eig).w_bits == {"big": 2, "small": 4}
+
+
 def test_uniform_takes_the_largest_fitting_width(table_factory):
     table = table_factory(1, n_layers=4, fixed={3: 8})
     s3, s4 = model_size_bytes(table, 3), model_size_bytes(table, 4)

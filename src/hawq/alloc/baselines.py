@@ -7,7 +7,8 @@ run the same exact knapsack as `best_plan`:
 
     hawq       Tr(H_i)/n_i                         (HAWQ-V2, Dong et al. arXiv 1911.03852)
     diag       1/2 sum_j H_jj (Q_b(W)_j - W_j)^2   (pass a table built with `diagonals=`)
-    v1         lambda_max(H_i), power iteration     (HAWQ-V1, Dong et al. arXiv 1905.03696)
+    v1         lambda_max(H_i)/n_i, power iteration (HAWQ-V1's sensitivity, Dong et al. arXiv 1905.03696)
+    eigbound   lambda_max(H_i): sum_i lambda_i ||dW_i||^2 bounds the quadratic term from above
     fisher     mean_x ||grad_{W_i} CE(x, y)||^2 / n_i with true labels (empirical Fisher, first order)
     reversed   1 / (Tr(H_i)/n_i): the least sensitive layers get the most bits
     random     log-uniform random scores (seeded)
