@@ -343,8 +343,9 @@ def main(a: argparse.Namespace) -> None:
     fp32_top1 = evaluate(fp32, test)
     x1 = data.train.images[:1]
     ev, rows, meas = Evaluator(fp32, data, test, a), [], {}
-    free = [r.fqn for r in sizing_table(fp32).layers if not r.fixed]
-    n_params = {r.fqn: r.n_params for r in sizing_table(fp32).layers}
+    sizing = sizing_table(fp32).layers
+    free = [r.fqn for r in sizing if not r.fixed]
+    n_params = {r.fqn: r.n_params for r in sizing}
     for seed in a.seeds:
         m = meas[seed] = measures(fp32, data.train, seed, free, a, progress)
         tables = {"trace": sensitivity_table(fp32, m["traces"], example_input=x1, progress=False),
