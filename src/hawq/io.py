@@ -20,6 +20,30 @@ def writes_here() -> bool:
     return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (/proc on Linux).
+
+    Setting and restoring it (the only portable way) is a race with other threads creating files, so
+    that is the fallback only.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temporary file (mkstemp makes it 0600) the mode a plain open() would, then rename it."""
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, path)
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     if not writes_here():
         return
@@ -30,7 +54,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -77,7 +101,7 @@ def save_torch(path: str | os.PathLike, obj: Any) -> Path:
     os.close(fd)
     try:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hawq.data.coco import CocoDetection
 from hawq.data.fashion_mnist import CLASSES, FILES, find_data_dir, read_idx
-from hawq.io import dumps
+from hawq.io import current_umask, dumps
 
 INK_THRESHOLD = 16  # grey levels below this count as background (Fashion-MNIST has faint stray pixels)
 _MAX_TRIES = 50  # placement attempts per item before it is left out
@@ -173,6 +173,7 @@ def make_detection_set(
             coco["categories"] = categories
             coco["info"] = {"description": f"Fashion-MNIST detection set ({split})", "spec": spec.to_dict()}
             (tmp / f"{split}.json").write_text(dumps(coco))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: give it a plain mkdir's mode
         os.replace(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
