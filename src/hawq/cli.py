@@ -218,7 +218,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None, pipeline, pr
             pipeline.stage_fp32(ctx, data)
         return 0
     overrides = _to_config_kwargs(args) if args.cmd in ("allocate", "finetune") else {}
-    ctx, data = pipeline.open_run(args.out, progress, **overrides)
+    ctx, data = pipeline.open_run(args.out, progress, needs_device=args.cmd != "report", **overrides)
     if args.cmd == "trace":
         pipeline.stage_trace(ctx, data)
     elif args.cmd == "allocate":

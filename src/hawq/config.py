@@ -4,10 +4,36 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from hawq.quant.primitives import MAX_BITS, MIN_BITS
+
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def check_device(device: str) -> None:
+    """Raise a ValueError unless `device` (cpu, cuda, cuda:N) exists on this machine.
+
+    Not part of RunConfig's own checks: a run folder made on a GPU machine may still be read (e.g. for its
+    report) on one without; the stages that compute call this before they write anything.
+    """
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+        raise ValueError(f"unknown device {device!r}: use cpu or cuda[:N]")
+    if device == "cpu":
+        return
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise ValueError(f"--device {device}: this machine has no CUDA device (or no working driver): "
+                         "use --device cpu")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= n:
+        raise ValueError(f"--device {device}: this machine has {n} CUDA device{'s' if n > 1 else ''} "
+                         f"(cuda:0..cuda:{n - 1}): choose one of those")
+
 
 TASKS = ("classification", "detection")
 DATASETS = ("fashion_mnist", "imagenet", "coco")
@@ -77,7 +103,7 @@ class RunConfig:
             for key, value in TASK_DEFAULTS[self.task].items():
                 if getattr(self, key) is None:
                     object.__setattr__(self, key, value)
-        if self.device != "cpu" and not self.device.startswith("cuda"):
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"unknown device {self.device!r}: use cpu or cuda[:N]")
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")

@@ -36,7 +36,7 @@ from hawq.alloc import (
     sizing_table,
 )
 from hawq.classification import ClassificationTask
-from hawq.config import RunConfig
+from hawq.config import RunConfig, check_device
 from hawq.distributed import barrier, distributed_traces, world_size
 from hawq.hessian import estimate_activation_traces, estimate_traces, weights_hash
 from hawq.io import read_json, save_torch, write_json
@@ -116,6 +116,7 @@ def check_budget(cfg: RunConfig, model: nn.Module) -> None:
 
 def prepare(cfg: RunConfig, out: str | Path, progress: bool = True) -> tuple[Context, Any]:
     """Validate everything that can be validated, then write config.json."""
+    check_device(cfg.device)
     run = RunFolder(out)
     run.check_config(cfg)
     task = get_task(cfg)
@@ -128,7 +129,8 @@ def prepare(cfg: RunConfig, out: str | Path, progress: bool = True) -> tuple[Con
     return Context(cfg, run, progress), data
 
 
-def open_run(out: str | Path, progress: bool = True, **overrides) -> tuple[Context, Any]:
+def open_run(out: str | Path, progress: bool = True, needs_device: bool = True, **overrides) -> tuple[Context, Any]:
+    """The run in `out` with `overrides` applied; `needs_device=False` for stages that only read artifacts."""
     run = RunFolder(out)
     cfg = run.read_config()
     if overrides:
@@ -136,6 +138,8 @@ def open_run(out: str | Path, progress: bool = True, **overrides) -> tuple[Conte
         if new.fingerprint() != cfg.fingerprint():
             raise ValueError("these options change the run's identity: start a new run with `hawq run --out NEW`")
         cfg = new
+    if needs_device:
+        check_device(cfg.device)
     task = get_task(cfg)
     data = task.load_data(cfg)
     check_budget(cfg, task.build_model(cfg))

@@ -40,12 +40,13 @@ class RunFolder:
 
     def write_config(self, cfg: RunConfig) -> None:
         payload = cfg.to_dict()
+        gpu = cfg.device.startswith("cuda") and torch.cuda.is_available()  # a report may run elsewhere
         payload.update(
             fingerprint=cfg.fingerprint(),
             hawq_version=__version__,
             torch_version=torch.__version__.split("+")[0],
             machine=f"{platform.machine()}, {torch.get_num_threads()} CPU threads"
-            + (f", {torch.cuda.get_device_name(cfg.device)}" if cfg.device.startswith("cuda") else ""),
+            + (f", {torch.cuda.get_device_name(cfg.device)}" if gpu else ""),
         )
         write_json(self.config_path, "config", payload)
 
