@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hawq.quant import check_bits, fake_quant_weight, quantizable_layers, weight_perturbation
+from hawq.quant import check_bits, fake_quant_weight, first_last_layers, quantizable_layers, weight_perturbation
 
 TABLE_KINDS = ("trace", "diag")
 
@@ -136,8 +136,15 @@ def _table_kind(d: Mapping[str, Any]) -> str:
     return str(d["kind"]) if d.get("kind") in TABLE_KINDS else "trace"
 
 
-def default_fixed(model: nn.Module) -> dict[str, int]:
-    """First and last quantizable layer stay at 8 bits (the paper's convention)."""
+def default_fixed(model: nn.Module, example_input: Tensor | None = None) -> dict[str, int]:
+    """First and last quantizable layer stay at 8 bits (the paper's convention).
+
+    With `example_input` they are found from one forward (`hawq.first_last_layers`: the first layer that
+    reads the input, the last whose output feeds the model output); without it, by module order.
+    """
+    if example_input is not None:
+        first, last = first_last_layers(model, example_input)
+        return {first: 8, last: 8}
     names = quantizable_layers(model)
     return {names[0]: 8, names[-1]: 8} if names else {}
 
@@ -180,13 +187,13 @@ def layer_macs(model: nn.Module, example_input: Tensor) -> dict[str, int]:
     return {name: total // batch for name, total in macs.items()}
 
 
-def _diag_omega(w: Tensor, diag: Tensor, bits: int, fqn: str) -> float:
+def _diag_omega(w: Tensor, diag: Tensor, bits: int, fqn: str, weight_range: str = "mse") -> float:
     if diag.numel() != w.numel():
         raise ValueError(
             f"diagonal of {fqn!r} has {diag.numel()} entries, not {w.numel()}: pass H_jj per weight"
         )
     with torch.no_grad():
-        err = (fake_quant_weight(w, bits) - w).double().reshape(-1)
+        err = (fake_quant_weight(w, bits, weight_range) - w).double().reshape(-1)
         return 0.5 * float((diag.detach().double().reshape(-1).to(err.device) * err.pow(2)).sum())
 
 
@@ -198,6 +205,7 @@ def sensitivity_table(
     diagonals: Mapping[str, Tensor] | None = None,
     example_input: Tensor | None = None,
     progress: bool = True,
+    weight_range: str = "mse",
 ) -> SensitivityTable:
     """Build the table from average traces Tr(H_i)/n_i (keyed by fqn).
 
@@ -206,6 +214,8 @@ def sensitivity_table(
     them); a fixed layer without a trace gets trace 0 (its Omega is a constant of every plan). With
     `diagonals` (fqn -> H_jj per weight), Omega uses the diagonal (kind "diag"). With `example_input`,
     each row also holds its per-image MACs for BOPs. A bar shows after 2 s unless `progress=False`.
+    `weight_range` is the quantizer's range ("mse" clipping, as `hawq.quantize_` applies it, or "max"), so
+    ||Q(W) - W||^2 and Omega are those of the model the plan produces.
     """
     cand = tuple(sorted({check_bits(int(b)) for b in bits}))
     if not cand:
@@ -231,9 +241,9 @@ def sensitivity_table(
         n = w.numel()
         t = float(traces.get(fqn, 0.0))
         opts = (int(fixed[fqn]),) if fqn in fixed else cand
-        pert = {b: weight_perturbation(w, b) for b in opts}
+        pert = {b: weight_perturbation(w, b, weight_range) for b in opts}
         if diagonals and fqn in diagonals:
-            omega = {b: _diag_omega(w, diagonals[fqn], b, fqn) for b in opts}
+            omega = {b: _diag_omega(w, diagonals[fqn], b, fqn, weight_range) for b in opts}
         elif diagonals and fqn not in fixed:
             raise ValueError(f"diagonals lack layer {fqn!r}: give H_jj for every free layer, or none")
         else:

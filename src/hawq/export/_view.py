@@ -123,7 +123,7 @@ def export_view(model: nn.Module) -> tuple[nn.Module, dict[int, WeightMark | Act
     for fqn, m in layers:
         w_tag = a_tag = None
         if m.w_bits is not None:
-            levels, scales = weight_to_int(m.weight.detach().float(), m.w_bits)
+            levels, scales = weight_to_int(m.weight.detach().float(), m.w_bits, m.w_range)  # the clipped scales
             w_tag = len(marks)
             marks[w_tag] = WeightMark(fqn, m.w_bits, levels, scales.float())
         if m.a_bits is not None:

@@ -1,8 +1,9 @@
 """Fake-quantized Conv2d and Linear: the float layer with its weight and input passed through Q_b.
 
 Built with `from_float` (sharing the float layer's parameters) and turned back with `to_float`. Each holds
-its weight bits (`w_bits`, None = float) and input activation bits (`a_bits`, None = float), and a running
-min/max of its input observed while `calibrating` is True.
+its weight bits (`w_bits`, None = float), how its weight range is chosen (`w_range`: "mse", the clip ratio
+that minimises ||Q(W) - W||^2 per channel, or "max"), its input activation bits (`a_bits`, None = float),
+and a running min/max of its input observed while `calibrating` is True.
 """
 
 from __future__ import annotations
@@ -11,17 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hawq.quant.primitives import check_bits, fake_quant_activation, fake_quant_weight
+from hawq.quant.primitives import check_bits, check_weight_range, fake_quant_activation, fake_quant_weight
 
 
 class _QuantMixin:
     w_bits: int | None
     a_bits: int | None
+    w_range: str
     float_cls: type[nn.Module]
 
-    def _init_quant(self, w_bits: int | None, a_bits: int | None) -> None:
+    def _init_quant(self, w_bits: int | None, a_bits: int | None, w_range: str = "mse") -> None:
         self.w_bits = None if w_bits is None else check_bits(w_bits)
         self.a_bits = None if a_bits is None else check_bits(a_bits)
+        self.w_range = check_weight_range(w_range)
         self.calibrating = False
         self.register_buffer("act_min", torch.tensor(float("inf")))
         self.register_buffer("act_max", torch.tensor(float("-inf")))
@@ -47,17 +50,17 @@ class _QuantMixin:
 
     def quant_weight(self) -> Tensor:
         w = self.weight
-        return w if self.w_bits is None else fake_quant_weight(w, self.w_bits)
+        return w if self.w_bits is None else fake_quant_weight(w, self.w_bits, self.w_range)
 
     @classmethod
-    def from_float(cls, layer: nn.Module, w_bits: int | None, a_bits: int | None = None):
+    def from_float(cls, layer: nn.Module, w_bits: int | None, a_bits: int | None = None, w_range: str = "mse"):
         """The fake-quant twin of `layer`, sharing its parameters, hooks and hyper-parameters."""
         q = cls.__new__(cls)
         q.__dict__.update(layer.__dict__)
         q._parameters = dict(layer._parameters)
         q._buffers = dict(layer._buffers)
         q._modules = dict(layer._modules)
-        q._init_quant(w_bits, a_bits)
+        q._init_quant(w_bits, a_bits, w_range)
         return q
 
     def to_float(self) -> nn.Module:
@@ -66,12 +69,12 @@ class _QuantMixin:
         layer.__dict__.update(self.__dict__)
         layer._parameters = dict(self._parameters)
         layer._buffers = {k: v for k, v in self._buffers.items() if k not in ("act_min", "act_max")}
-        for k in ("w_bits", "a_bits", "calibrating"):
+        for k in ("w_bits", "a_bits", "w_range", "calibrating"):
             layer.__dict__.pop(k, None)
         return layer
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}"
+        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}, w_range={self.w_range}"
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):

@@ -1,7 +1,10 @@
 """Quantization primitives: pure functions on tensors.
 
-Weights: symmetric, per output channel, narrow range (levels -q..q with q = 2^(b-1) - 1), scale from the
-channel's largest magnitude. One bit is the sign times the channel's mean magnitude. Activations: unsigned
+Weights: symmetric, per output channel, narrow range (levels -q..q with q = 2^(b-1) - 1). The scale of a
+channel is its largest magnitude times a clip ratio r / q, with r chosen from a fixed grid (1.00, 0.99, ...,
+0.06) to minimise the channel's squared error ||Q(W) - W||^2 (range "mse", the default), or r = 1 (range
+"max": nothing is clipped). One bit is the sign times the channel's mean magnitude (the scale that
+minimises the squared error of sign quantization); an all-zero channel stays zero at every width. Activations: unsigned
 when the calibrated range starts at zero or above (after a ReLU), else asymmetric with a zero point.
 Rounding passes gradients straight through (STE, Bengio et al. 2013); scales are treated as constants.
 """
@@ -12,6 +15,10 @@ import torch
 from torch import Tensor
 
 MIN_BITS, MAX_BITS = 1, 8
+WEIGHT_RANGES = ("mse", "max")
+# Descending, so that a tie keeps the larger ratio (less clipping); exact decimals, so the grid is the same
+# on every machine.
+CLIP_RATIOS = tuple((100 - k) / 100 for k in range(95))
 
 
 def check_bits(bits: int) -> int:
@@ -48,41 +55,73 @@ def weight_qmax(bits: int) -> int:
     return 2 ** (check_bits(bits) - 1) - 1
 
 
-def weight_scale(w: Tensor, bits: int) -> Tensor:
-    """Per-output-channel scale, shaped to broadcast against `w` (out, 1, 1, ...)."""
+def check_weight_range(method: str) -> str:
+    """Return `method` if it names a weight range ("mse" or "max"), else raise ValueError."""
+    if method not in WEIGHT_RANGES:
+        raise ValueError(f"weight range {method!r} is unknown: use one of {WEIGHT_RANGES}")
+    return method
+
+
+def _mse_scale(flat: Tensor, qmax: int) -> Tensor:
+    """Per-row scale amax * r / qmax with r in CLIP_RATIOS minimising the row's squared error. flat: (C, K)."""
+    amax = flat.abs().amax(dim=1)  # (C,)
+    best = amax / qmax
+    best_err = torch.full_like(amax, float("inf"))
+    for r in CLIP_RATIOS:  # a loop, not a (C, R, K) tensor: memory stays at one copy of the weight
+        s = amax * r / qmax
+        s = torch.where(s > 0, s, torch.ones_like(s))[:, None]
+        err = (torch.clamp(torch.round(flat / s), -qmax, qmax) * s - flat).pow(2).sum(dim=1)
+        better = err < best_err  # strict: the first (largest) ratio wins a tie
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s[:, 0], best)
+    return best
+
+
+def weight_scale(w: Tensor, bits: int, method: str = "mse") -> Tensor:
+    """Per-output-channel scale, shaped to broadcast against `w` (out, 1, 1, ...).
+
+    Deterministic: the same weight, bits and method give the same scale (a fixed grid, ties to less clipping).
+    """
+    check_weight_range(method)
     flat = w.detach().reshape(w.shape[0], -1)
     if bits == 1:
         scale = flat.abs().mean(dim=1)
-    else:
+    elif method == "max":
         scale = flat.abs().amax(dim=1) / weight_qmax(bits)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero channel stays zero
+    else:
+        scale = _mse_scale(flat, weight_qmax(bits))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero channel: levels 0, scale 1
     return scale.reshape(-1, *([1] * (w.dim() - 1)))
 
 
-def weight_to_int(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def weight_to_int(w: Tensor, bits: int, method: str = "mse") -> tuple[Tensor, Tensor]:
     """Integer levels (int8) and per-channel scales (shape (out,)) with w ~= levels * scale."""
-    scale = weight_scale(w, bits)
+    scale = weight_scale(w, bits, method)
+    wd = w.detach()
     if bits == 1:
-        q = torch.where(w.detach() >= 0, 1, -1)
+        q = torch.where(wd >= 0, 1, -1)
+        nonzero = wd.reshape(w.shape[0], -1).ne(0).any(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
+        q = torch.where(nonzero, q, 0)  # sign(0) = +1 would turn an all-zero channel into +scale
     else:
         qmax = weight_qmax(bits)
-        q = torch.clamp(torch.round(w.detach() / scale), -qmax, qmax)
+        q = torch.clamp(torch.round(wd / scale), -qmax, qmax)
     return q.to(torch.int8), scale.reshape(-1)
 
 
-def fake_quant_weight(w: Tensor, bits: int) -> Tensor:
+def fake_quant_weight(w: Tensor, bits: int, method: str = "mse") -> Tensor:
     """Quantize then dequantize `w` at `bits`; the gradient passes straight through to `w`.
 
-    The scale comes from the weight itself, so nothing is clipped and the STE is the identity."""
-    q, scale = weight_to_int(w, bits)
+    The scale is a function of the weight, treated as a constant; the STE is the identity, clipped weights
+    included (their scale follows the weight, so the largest weights keep learning)."""
+    q, scale = weight_to_int(w, bits, method)
     wq = q.to(w.dtype) * scale.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1)))
     return _PassThrough.apply(w, wq) if w.requires_grad else wq
 
 
-def weight_perturbation(w: Tensor, bits: int) -> float:
+def weight_perturbation(w: Tensor, bits: int, method: str = "mse") -> float:
     """||Q_b(W) - W||^2, the squared quantization error of a weight tensor."""
     with torch.no_grad():
-        return float((fake_quant_weight(w, bits) - w).double().pow(2).sum())
+        return float((fake_quant_weight(w, bits, method) - w).double().pow(2).sum())
 
 
 def activation_qparams(lo: float, hi: float, bits: int) -> tuple[float, int, int, int]:
