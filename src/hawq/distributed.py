@@ -280,6 +280,7 @@ def combine_traces(
         wall_s=max(r.wall_s for r in results),
         history={f: _combine_history(results, f) for f in names},
         notes=notes + ((f"pooled over {len(results)} processes",) if len(results) > 1 else ()),
+        reason=first.reason,
         diagonals=diagonals,
     )
 
@@ -337,8 +338,8 @@ def _with_diagonals(results: list[TraceResult], local: TraceResult) -> list[Trac
     mean = {}
     for f, d in (local.diagonals or {}).items():
         mean[f] = all_reduce_sum(d.detach().to(torch.float64) * (local.n_images / total)).to(d.dtype)
-    return [TraceResult(r.method, r.layers, r.n_images, r.n_backward, r.wall_s, r.history, r.notes, mean)
-            for r in results]
+    return [TraceResult(r.method, r.layers, r.n_images, r.n_backward, r.wall_s, r.history, r.notes, r.reason,
+                        diagonals=mean) for r in results]
 
 
 def write_if_main(write: Any, *args: Any, **kwargs: Any) -> Any:

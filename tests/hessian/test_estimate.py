@@ -186,12 +186,13 @@ def test_user_errors_are_value_errors(tiny_mlp_case):
         estimate_traces(model, [(x, y.double())], method="exact", loss="mse", progress=False)
 
 
-def test_auto_picks_sampled_fisher_for_relu_nets_and_hutchinson_for_gelu(tiny_mlp_case):
+def test_auto_picks_hybrid_for_relu_nets_and_gn_residual_for_gelu(tiny_mlp_case):
     model, x, y = tiny_mlp_case
-    assert estimate_traces(model, [(x, y)], progress=False).method == "hybrid"
+    r = estimate_traces(model, [(x, y)], progress=False)
+    assert r.method == "hybrid" and "piecewise linear" in r.reason and not r.notes
     gelu = nn.Sequential(nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 3)).double()
     r = estimate_traces(gelu, [(x, y)], progress=False, max_probes=4)
-    assert r.method == "hutchinson" and any("GELU" in n for n in r.notes)
+    assert r.method == "gn_residual" and "GELU" in r.reason and any("probed residual" in n for n in r.notes)
     r = estimate_traces(gelu, [(x, y)], method="exact", progress=False)
     assert any("Gauss-Newton approximates" in n for n in r.notes)
 
@@ -220,20 +221,29 @@ def test_op_without_double_backward_is_named_and_falls_back():
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     with pytest.raises(ValueError, match="layers a go through an op without double backward"):
         estimate_traces(Net(), [(x, y)], method="hutchinson", progress=False)
-    # auto on a net it cannot see through (a custom Function) still works when HVPs fail
+    # auto on a curved net whose residual cannot be probed: Gauss-Newton traces, and one note saying so
     model = Net()
     model.b = nn.Sequential(nn.Tanh(), model.b)
-    with pytest.warns(UserWarning, match="fell back to exact"):
-        r = estimate_traces(model, [(x, y)], progress=False)
-    assert r.method == "exact"
+    r = estimate_traces(model, [(x, y)], progress=False)
+    assert r.method == "hybrid"
+    assert len(r.notes) == 1 and "no double backward through layers a" in r.notes[0]
+    assert "true Hessian trace may differ" in r.notes[0]
 
 
-def test_too_big_a_chunk_is_a_value_error_suggesting_a_smaller_one(tiny_cnn_case, monkeypatch):
+def test_a_chunk_too_big_for_memory_is_cut_with_the_same_values(tiny_cnn_case, monkeypatch):
     import hawq.hessian.estimate as E
 
     model, x, y = tiny_cnn_case
-    monkeypatch.setattr(E, "available_memory_bytes", lambda: 10_000)
-    with pytest.raises(ValueError, match=r"pass chunk_size=\d+"):
+    full = estimate_traces(model, [(x, y)], method="exact", progress=False)
+    seen, real = [], E.plan_chunk
+    monkeypatch.setattr(E, "plan_chunk", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    monkeypatch.setattr(E, "available_memory_bytes", lambda device=None: 60_000)
+    cut = estimate_traces(model, [(x, y)], method="exact", progress=False)
+    assert seen and seen[0].images is not None and seen[0].images < x.shape[0]  # the chunk was cut
+    for a, b in zip(full.layers, cut.layers):
+        assert b.trace == pytest.approx(a.trace, rel=1e-12)
+    monkeypatch.setattr(E, "available_memory_bytes", lambda device=None: 100)
+    with pytest.raises(ValueError, match="one image needs about"):
         estimate_traces(model, [(x, y)], method="exact", progress=False)
 
 

@@ -37,7 +37,7 @@ from hawq.alloc.options import other_bits
 from hawq.alloc.plan import Plan, best_plan, check_budget, make_plan, plan_for_bits
 from hawq.alloc.sensitivity import SensitivityTable
 from hawq.alloc.size import MB, model_size_bits
-from hawq.hessian.detect import inspect_model
+from hawq.hessian.curvature import inspect_model
 from hawq.hessian.estimate import estimation_mode, resolve_layers
 from hawq.hessian.persample import capture_io, gn_backward, sq_norms
 
@@ -233,7 +233,7 @@ def top_eigenvalues(
     active = list(range(len(names)))
     with estimation_mode(model, params):
         if method == "auto":
-            method = "hvp" if inspect_model(model, data[0][0])[0] else "gauss_newton"
+            method = "hvp" if inspect_model(model, modules, data[0][0][:2], names).curved else "gauss_newton"
         for _ in tqdm(range(iters), desc="eigenvalues", disable=not progress, delay=2.0, leave=False):
             hv = [torch.zeros_like(p) for p in params]
             for x, y in data:
@@ -272,7 +272,7 @@ def _layer_fn(m: nn.Module, x: Tensor, w: Tensor) -> Tensor:
 
 def _gn_blocks(model, modules, x, n_total, active, vs, hv) -> None:
     # u_c = sqrt(p_c)(p - e_c): sum_c u_c u_c^T = diag(p) - p p^T, the Hessian of CE w.r.t. the logits
-    records, grads, _ = gn_backward(model, [modules[i] for i in active], x, "exact", None)
+    ((records, grads, _),) = gn_backward(model, [modules[i] for i in active], x, "exact", None)
     j = 0
     for i, calls in zip(active, records):
         m, gs = modules[i], grads[j : j + len(calls)]

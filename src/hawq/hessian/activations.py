@@ -19,13 +19,17 @@ import torch
 from torch import Tensor, nn
 
 from hawq.hessian.hutchinson import LossFn, rademacher
-from hawq.hessian.persample import capture_io, gn_backward, hybrid_split
+from hawq.hessian.persample import capture_io, exact_mode, gn_backward, hybrid_split
 
 
 def input_numels(model: nn.Module, modules: Sequence[nn.Module], x: Tensor) -> list[int]:
     """numel of one image's input to each layer (summed over calls if a layer is called twice)."""
     with capture_io(modules) as records, torch.no_grad():
         model(x[:1])
+    return [sum(inp[0].numel() for inp, _ in r) for r in records]
+
+
+def input_numels_from(records) -> list[int]:
     return [sum(inp[0].numel() for inp, _ in r) for r in records]
 
 
@@ -37,20 +41,24 @@ def act_persample(
         values, spent = torch.empty(x.shape[0], len(modules), dtype=torch.float64), 0
         for idx, sub in zip(hybrid_split(model, x), ("exact", "mc_fisher_is")):
             if len(idx):
+                if sub == "exact":
+                    with torch.no_grad():
+                        sub = exact_mode(int(model(x[idx[:1]]).shape[-1]))
                 values[idx], k = act_persample(model, modules, x[idx], sub, generator)
                 spent += k
         return values, spent
-    records, grads, k_vectors = gn_backward(model, modules, x, mode, generator, wrt_input=True)
     values = torch.zeros(x.shape[0], len(modules), dtype=torch.float64)
-    j = 0
-    for li, r in enumerate(records):
-        n = 0
-        for _ in r:
-            g = grads[j].flatten(2)  # (K, B, numel)
-            values[:, li] += (g.double() ** 2).sum(dim=(0, 2)).to(values.device)
-            n += g.shape[2]
-            j += 1
-        values[:, li] /= n
+    k_vectors = 0
+    for records, grads, k in gn_backward(model, modules, x, mode, generator, wrt_input=True):
+        k_vectors += k
+        j = 0
+        for li, r in enumerate(records):
+            for _ in r:
+                g = grads[j].flatten(2)  # (K, B, numel)
+                values[:, li] += (g.double() ** 2).sum(dim=(0, 2)).to(values.device)
+                j += 1
+    n = input_numels_from(records)
+    values /= torch.tensor(n, dtype=torch.float64)
     return values, k_vectors
 
 

@@ -20,25 +20,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hawq.hessian import persample
 from hawq.hessian.activations import input_numels
-from hawq.hessian.detect import choose_method, inspect_model
-from hawq.hessian.hutchinson import (
-    LossFn,
-    NoDoubleBackwardError,
-    find_no_double_backward,
-    resolve_loss,
-)
-from hawq.hessian.persample import (
-    available_memory_bytes,
-    check_memory,
-    chunk_memory_bytes,
-)
+from hawq.hessian.hutchinson import LossFn
+from hawq.hessian.methods import TraceOptions, choose
+from hawq.hessian.persample import ChunkPlan, available_memory_bytes
 from hawq.hessian.result import TraceResult
 from hawq.hessian.run import EstimationRun
 from hawq.quant import quantizable_layers
 
-METHODS = ("auto", "exact", "hybrid", "mc_fisher", "mc_fisher_is", "hutchinson")
 _SAVE_EVERY_S = 2.0
+plan_chunk = persample.plan_chunk  # module attribute: tests cut chunks by patching memory
 
 
 def weights_hash(model: nn.Module, layers: Sequence[str] | None = None) -> str:
@@ -97,19 +89,6 @@ def _to_model(x: Tensor, ref: Tensor) -> Tensor:
     return x.to(ref.dtype) if x.is_floating_point() else x
 
 
-def _validate(method, rel_tol, min_share, max_images, max_probes, chunk_size) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    if not rel_tol > 0:
-        raise ValueError(f"rel_tol must be > 0, got {rel_tol}")
-    if not 0 <= min_share < 1:
-        raise ValueError(f"min_share must be in [0, 1), got {min_share}")
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
-    if max_probes < 1 or chunk_size < 1:
-        raise ValueError("max_probes and chunk_size must be >= 1")
-
-
 def estimate_traces(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -130,56 +109,33 @@ def estimate_traces(
 ) -> TraceResult:
     """Average Hessian trace Tr(H_l)/n_l of the loss w.r.t. each layer's weight, with standard errors.
 
-    Methods:
-      exact         per-image Gauss-Newton trace summed over all C classes (C backward passes per chunk);
-                    equals the Hessian trace for cross-entropy on nets piecewise linear in each layer's
-                    weights (ReLU, max-pool, eval batch norm, residual adds, avg-pool). No label noise.
-      mc_fisher     the same with one label per image drawn from p_i (one backward pass; unbiased).
-      mc_fisher_is  one label per image drawn from q_c ~ p_c ||p - e_c||^2 and weighted by p_c / q_c
-                    (one backward pass; unbiased).
-      hybrid        exact for uncertain images (1 - ||p_i||^2 >= 0.5, ~10% of a trained net's images),
-                    mc_fisher_is for the others (unbiased). Measured on ResNet-20/Fashion-MNIST (bench/
-                    trace.py): the per-image spread of exact at ~1.4x the cost of one backward per image;
-                    mc_fisher_is alone is as good on typical images but its label noise on the rare
-                    uncertain, heavy-tail images doubled the error (12% vs 5.6% at 4096 images).
-      hutchinson    Rademacher probes v, v_l^T (H v)_l / n_l from Hessian-vector products that reuse one
-                    gradient graph per chunk (`probes_per_batch` probes); any loss and network.
-      auto          cross-entropy and no curved op (GELU, SiLU, Hardswish, sigmoid, tanh, softmax, norms
-                    other than eval batch norm, products of two activations) -> hybrid; otherwise
-                    hutchinson. If Hessian-vector products are impossible (an op without double backward)
-                    and the loss is cross-entropy, falls back to exact with a warning and a note.
-    Per-image contributions are heavy-tailed: on ResNet-20/Fashion-MNIST one image in ~5,000 carries
-    ~100-1,000x the mean of the first layers (a genuine data effect, `exact` sees it too), so a run that
-    meets such an image needs many more images than one that does not, and `max_images` then ends it with
-    `converged=False` on those layers.
-    Standard errors: per-image values (exact, mc_fisher) or per-chunk probe means (hutchinson) are iid, so
-    stderr = std/sqrt(count) includes data sampling. Stopping: after each chunk, once every layer whose
-    full trace n_l*trace_l is >= min_share of the sum has stderr <= rel_tol*trace, or at max_images images
-    (hutchinson: also at max_probes probes). The model runs in eval mode; its train flags, requires_grad
-    and parameters are left as they were. Same seed and batches -> identical `to_dict()` apart from wall_s.
+    Methods (see hawq.hessian.methods): exact, hybrid, gn_residual, mc_fisher, mc_fisher_is, hutchinson,
+    and auto: for cross-entropy on logits (B, C), `hybrid` where every layer is proved piecewise linear in
+    its weights (curvature.py: recorded ATen ops, an allowlist, one use per layer; the Gauss-Newton trace
+    is then the Hessian trace), else `gn_residual` (exact GN part plus probed residual on the curved layers,
+    unbiased for the Hessian trace; GN only, with a note, where double backward is missing); any other
+    loss: hutchinson. `result.reason` says why; `result.notes` say what the numbers mean where they are
+    not the Hessian trace.
+    Layers: by default every Conv2d/Linear layer the forward calls (layers it never calls, e.g. auxiliary
+    heads in eval mode, are left out with a note); a layer named in `layers` must be called.
+    Many classes: above 16 classes an uncertain image costs 12 backward vectors (top classes exact, the
+    rest importance-sampled), not C; a chunk is cut to fit the memory of the model's device.
+    Per-image contributions are heavy-tailed (on ResNet-20/Fashion-MNIST one image in ~5,000 carries
+    ~100-1,000x the mean of the first layers), so a run that meets such an image needs many more images.
+    Standard errors: per-image values (GN methods), per-chunk residual and probe means (gn_residual,
+    hutchinson) are iid, so every stderr includes data sampling. Stopping: after each chunk, once every layer
+    whose full trace n_l*trace_l is >= min_share of the sum has stderr <= rel_tol*trace, or at max_images
+    images (hutchinson: also at max_probes probes); a result that stops above rel_tol says so with a warning
+    and `converged=False`. The model runs in eval mode; its train flags, requires_grad and parameters are
+    left as they were. Same seed and batches -> identical `to_dict()` apart from wall_s.
     `state_path`: running sums are saved there (atomically) and a rerun with the same weights, data order
     and settings resumes from them, skipping the images already counted.
-    `diagonal=True` (not hutchinson): `result.diagonals[fqn]` is the Gauss-Newton diagonal (shape of the
+    `diagonal=True` (GN methods): `result.diagonals[fqn]` is the Gauss-Newton diagonal (shape of the
     weight), e.g. for Omega = 1/2 sum_j H_jj (Q(W)_j - W_j)^2.
     """
-    return _estimate(
-        model,
-        batches,
-        layers,
-        False,
-        method,
-        loss,
-        rel_tol,
-        min_share,
-        max_images,
-        max_probes,
-        chunk_size,
-        seed,
-        progress,
-        diagonal,
-        state_path,
-        probes_per_batch,
-    )
+    opts = TraceOptions(method, loss, rel_tol, min_share, max_images, max_probes, chunk_size, seed, progress,
+                        diagonal, state_path, probes_per_batch)
+    return _estimate(model, batches, layers, opts)
 
 
 def estimate_activation_traces(
@@ -204,153 +160,182 @@ def estimate_activation_traces(
     `LayerTrace.n_params` is the numel of one image's input to the layer, `trace` is
     E_i[Tr(d^2 loss_i / d a_i^2)] / n. The Hessian is block-diagonal over images, so one backward per class
     (exact) or per probe (hutchinson, here `probes_per_batch` probes per chunk, each image its own probe)
-    gives every image's contribution; `n_samples` counts images. Methods, `auto` rule, stopping rule,
-    standard errors, determinism and `state_path` are as in `estimate_traces` (the Gauss-Newton identity
-    holds for activations of piecewise-linear nets too).
+    gives every image's contribution; `n_samples` counts images. `auto`: hybrid where every layer is proved
+    piecewise linear (the Gauss-Newton identity holds for their input activations too), else hutchinson.
+    Stopping rule, standard errors, determinism and `state_path` are as in `estimate_traces`.
     """
-    return _estimate(
-        model,
-        batches,
-        layers,
-        True,
-        method,
-        loss,
-        rel_tol,
-        min_share,
-        max_images,
-        max_probes,
-        chunk_size,
-        seed,
-        progress,
-        False,
-        state_path,
-        probes_per_batch,
-    )
+    if method == "gn_residual":
+        raise ValueError("method='gn_residual' is for weight traces: use hutchinson or auto for activations")
+    opts = TraceOptions(method, loss, rel_tol, min_share, max_images, max_probes, chunk_size, seed, progress,
+                        False, state_path, probes_per_batch, activations=True)
+    return _estimate(model, batches, layers, opts)
+
+
+def _called_layers(model, names, explicit: bool, info) -> tuple[list[int], str | None]:
+    """Indices of the layers the forward calls; a note naming the others (an error if the user named them)."""
+    idle = [names[i] for i, u in enumerate(info.used) if not u]
+    if idle and explicit:
+        raise ValueError(f"layers {', '.join(idle[:5])} are not called in the forward pass: check `layers`")
+    keep = [i for i, u in enumerate(info.used) if u]
+    if not keep:
+        raise ValueError("the forward pass calls none of the layers: check the model and `layers`")
+    note = None
+    if idle:
+        note = (f"{len(idle)} layers never called in the forward (left out): {', '.join(idle[:4])}"
+                + (", ..." if len(idle) > 4 else ""))
+    return keep, note
+
+
+def _attention_note(model: nn.Module) -> str | None:
+    mha = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if not mha:
+        return None
+    return (f"{len(mha)} nn.MultiheadAttention modules keep their projections in float: "
+            "hawq.decompose_attention_(model) makes them quantizable layers")
 
 
 def _estimate(
-    model,
-    batches,
-    layers,
-    activations,
-    method,
-    loss,
-    rel_tol,
-    min_share,
-    max_images,
-    max_probes,
-    chunk_size,
-    seed,
-    progress,
-    diagonal,
-    state_path,
-    probes_per_batch,
+    model: nn.Module, batches: Iterable[Any], layers: Sequence[str] | None, opts: TraceOptions
 ) -> TraceResult:
-    _validate(method, rel_tol, min_share, max_images, max_probes, chunk_size)
-    if probes_per_batch < 1:
-        raise ValueError(f"probes_per_batch must be >= 1, got {probes_per_batch}")
     t0 = time.perf_counter()
+    activations = opts.activations
     names = resolve_layers(model, layers)
     mods = dict(model.named_modules())
     modules = [mods[n] for n in names]
     params = [m.weight for m in modules]
     ref = params[0]
 
-    stream = _chunks(batches, chunk_size)
+    stream = _chunks(batches, opts.chunk_size)
     try:
         first = next(stream)
     except StopIteration:
         raise ValueError("`batches` is empty: pass at least one (inputs, labels) batch") from None
     stream = itertools.chain([first], stream)
+    from hawq.hessian.curvature import inspect_model
+    from hawq.hessian.hutchinson import resolve_loss
+    from hawq.hessian.methods import BY_NAME
 
+    notes: list[str] = []
     with estimation_mode(model, [] if activations else params):
-        x0 = _to_model(first[0], ref)
-        curved, batch_stats, width = inspect_model(model, x0)
-        n_params = input_numels(model, modules, x0) if activations else [p.numel() for p in params]
-        if batch_stats:
+        x0 = _to_model(first[0][:2], ref)
+        info = inspect_model(model, modules, x0, names)
+        if info.batch_stats:
             raise ValueError(
                 "the model normalizes with batch statistics in eval mode (track_running_stats="
                 "False): images are not independent; give its norm layers running statistics"
             )
-        used, notes = choose_method(method, loss, curved, width)
-        if diagonal and used == "hutchinson":
+        keep, idle_note = _called_layers(model, names, layers is not None, info)
+        if len(keep) < len(names):
+            names, modules, params = [names[i] for i in keep], [modules[i] for i in keep], [params[i] for i in keep]
+            info = inspect_model(model, modules, x0, names)
+            notes.append(idle_note)
+        att = _attention_note(model)
+        if att:
+            notes.append(att)
+        loss_fn = resolve_loss(opts.loss)
+        probe = (x0[:2], first[1][:2].to(ref.device))
+        with estimation_mode(model, params):  # the probe checks need gradients of the weights
+            choice = choose(opts, info, names, model, params, probe, loss_fn)
+        used = choice.method
+        notes.extend(choice.notes)
+        n_params = input_numels(model, modules, x0) if activations else [p.numel() for p in params]
+        if opts.diagonal and not BY_NAME[used].gauss_newton:
             raise ValueError("diagonal=True needs a Gauss-Newton method (exact, hybrid, mc_fisher, mc_fisher_is)")
-        loss_fn = resolve_loss(loss)
-        if used == "hutchinson" and not activations:
-            bad = _hvp_failures(model, names, params, first, loss_fn, ref)
-            if bad is not None:
-                if method == "auto" and loss == "cross_entropy":
-                    msg = (
-                        f"no double backward through layers {', '.join(bad.layers)}: fell back to exact "
-                        "(Gauss-Newton) traces"
-                    )
-                    warnings.warn(msg, stacklevel=2)
-                    notes.append(msg)
-                    used = "exact"
-                else:
-                    raise bad
-        if used != "hutchinson":
-            k = width if used in ("exact", "hybrid") else 1
-            check_memory(
-                chunk_memory_bytes(model, modules, _to_model(first[0][:chunk_size], ref), k),
-                available_memory_bytes(),
-                chunk_size,
-            )
+        if opts.diagonal and used == "gn_residual":
+            raise ValueError("diagonal=True gives Gauss-Newton diagonals: pass method='hybrid' (or 'exact')")
+        plan = ChunkPlan(batch_dims=tuple(info.batch_dims))
+        if BY_NAME[used].gauss_newton:
+            k = _vectors_per_image(used, info.width)
+            plan = plan_chunk(model, modules, _to_model(first[0][:1], ref), opts.chunk_size, k,
+                              available_memory_bytes(ref.device), info.batch_dims)
         key = json.dumps(
             {
                 "method": used,
                 "layers": names,
-                "seed": seed,
-                "loss": str(loss),
-                "chunk": chunk_size,
-                "ppb": probes_per_batch,
-                "diag": diagonal,
+                "seed": opts.seed,
+                "loss": str(opts.loss),
+                "chunk": opts.chunk_size,
+                "ppb": opts.probes_per_batch,
+                "diag": opts.diagonal,
                 "activations": activations,
                 "weights": weights_hash(model, names),
             }
         )
-        run = EstimationRun(names, n_params, seed, diagonal, params, activations)
-        run.maybe_resume(state_path, key)
-        bar = tqdm(total=max_images, disable=not progress, desc=f"traces ({used})", unit="img", initial=run.images)
-        last_save = time.perf_counter()
-        skip = run.images
-        min_count = 5 if used == "hutchinson" and not activations else min(2 * chunk_size, 128)
-        resumed_done = run.images > 0 and run.stats.count >= min_count and all(run.done(rel_tol, min_share))
-        for x, y in [] if resumed_done else stream:
-            if skip > 0:
-                skip -= x.shape[0]
-                if skip < 0:
-                    raise ValueError(f"{state_path} does not match the chunking of `batches`: delete it")
-                continue
-            if max_images is not None and run.images >= max_images:
-                break
-            if used == "hutchinson" and run.n_probes >= max_probes:
-                break
-            if max_images is not None:
-                x, y = x[: max_images - run.images], y[: max_images - run.images]
-            x, y = _to_model(x, ref), y.to(ref.device)
-            try:
-                run.step(model, modules, used, x, y, loss_fn, min(probes_per_batch, max_probes - run.n_probes))
-            except (torch.OutOfMemoryError, MemoryError) as e:
-                raise ValueError(
-                    f"out of memory on a chunk of {x.shape[0]} images: pass a smaller chunk_size (now {chunk_size})"
-                ) from e
-            bar.update(x.shape[0])
-            if state_path is not None and time.perf_counter() - last_save > _SAVE_EVERY_S:
-                run.save(state_path, key)
-                last_save = time.perf_counter()
-            if run.stats.count >= min_count and all(run.done(rel_tol, min_share)):
-                break
-        bar.close()
-        if state_path is not None:
-            run.save(state_path, key)
+        run = EstimationRun(names, n_params, opts.seed, opts.diagonal, params, activations, choice.curved, plan)
+        run.maybe_resume(opts.state_path, key)
+        _loop(run, model, modules, used, stream, loss_fn, ref, opts, key)
     if used == "hutchinson" and not activations and run.stats.count < 2:
         notes.append("one chunk of data only: the standard errors cover probe noise, not data sampling")
-    return run.result(used, rel_tol, min_share, time.perf_counter() - t0, notes)
+    result = run.result(used, opts.rel_tol, opts.min_share, time.perf_counter() - t0, notes, choice.reason)
+    _warn_unconverged(result, opts)
+    return result
 
 
-def _hvp_failures(model, names, params, first, loss_fn, ref) -> NoDoubleBackwardError | None:
-    x, y = _to_model(first[0][:2], ref), first[1][:2].to(ref.device)
-    # per layer: a `once_differentiable` op gives a silently missing block, not an error
-    bad = find_no_double_backward(model, names, params, x, y, loss_fn)
-    return NoDoubleBackwardError(bad, "second derivative missing") if bad else None
+def _vectors_per_image(method: str, width: int) -> int:
+    from hawq.hessian.persample import EXACT_CLASSES, TAIL_SAMPLES, TOP_CLASSES
+
+    if method == "exact":
+        return width
+    if method in ("hybrid", "gn_residual"):
+        return width if width <= EXACT_CLASSES else TOP_CLASSES + TAIL_SAMPLES
+    return 1
+
+
+def _loop(run: EstimationRun, model, modules, used, stream, loss_fn, ref, opts: TraceOptions, key: str) -> None:
+    """Consume chunks until converged, `max_images` or `max_probes`; save running sums as it goes."""
+    max_images, state_path = opts.max_images, opts.state_path
+    bar = tqdm(total=max_images, disable=not opts.progress, desc=f"traces ({used})", unit="img", initial=run.images)
+    last_save = time.perf_counter()
+    skip = run.images
+    probes = used == "hutchinson" and not opts.activations
+    min_count = 5 if probes else min(2 * opts.chunk_size, 128)
+
+    def finished() -> bool:
+        enough = run.stats.count >= min_count and (not run.curved or run.residual.count >= 5)
+        return enough and all(run.done(opts.rel_tol, opts.min_share))
+
+    for x, y in [] if run.images > 0 and finished() else stream:
+        if skip > 0:
+            if x.shape[0] > skip:  # the resumed run stopped inside this chunk (a max_images cut)
+                x, y = x[skip:], y[skip:]
+                skip = 0
+            else:
+                skip -= x.shape[0]
+                continue
+        if max_images is not None and run.images >= max_images:
+            break
+        if probes and run.n_probes >= opts.max_probes:
+            break
+        if max_images is not None:
+            x, y = x[: max_images - run.images], y[: max_images - run.images]
+        x, y = _to_model(x, ref), y.to(ref.device)
+        n_probes = opts.probes_per_batch
+        if probes:
+            n_probes = min(n_probes, max(1, opts.max_probes - run.n_probes))
+        try:
+            run.step(model, modules, used, x, y, loss_fn, n_probes)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            raise ValueError(
+                f"out of memory on a chunk of {x.shape[0]} images: pass a smaller chunk_size (now {opts.chunk_size})"
+            ) from e
+        bar.update(x.shape[0])
+        if state_path is not None and time.perf_counter() - last_save > _SAVE_EVERY_S:
+            run.save(state_path, key)
+            last_save = time.perf_counter()
+        if finished():
+            break
+    bar.close()
+    if state_path is not None:
+        run.save(state_path, key)
+
+
+def _warn_unconverged(result: TraceResult, opts: TraceOptions) -> None:
+    worst = [lt for lt in result.layers if not lt.converged]
+    if worst:
+        w = max(worst, key=lambda lt: lt.rel_stderr)
+        warnings.warn(
+            f"traces stopped before reaching rel_tol={opts.rel_tol} on {len(worst)} of {len(result.layers)} layers "
+            f"(worst {w.fqn}: {100 * w.rel_stderr:.1f}% after {result.n_images} images): pass more data or a "
+            "larger max_images",
+            stacklevel=3,
+        )

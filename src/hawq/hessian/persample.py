@@ -14,8 +14,9 @@ a the (unfolded) input. Its squared norm is formed either by materializing the p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -75,16 +76,25 @@ def _conv_unfold(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
 
 
-def _layer_operands(m: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Return a (B, G, D, T) and g (K, B, G, O/G, T) for input x and output gradients g (K, B, ...)."""
-    K, B = g.shape[0], g.shape[1]
+def _layer_operands(m: nn.Module, x: Tensor, g: Tensor, batch: int, bdim: int = 0) -> tuple[Tensor, Tensor, int]:
+    """Return a (B, G, D, T) and g (K, B, G, O/G, T) for input x and output gradients g (K, ...).
+
+    `bdim` is the dim of x that indexes the `batch` images (1 for a sequence-first (T, B, I) input); a
+    leading dim of B*T rows (batch folded in, image-major) is grouped by image.
+    """
+    K, B = g.shape[0], batch
     if isinstance(m, nn.Conv2d):
         groups = m.groups
-        a = _conv_unfold(m, x)  # (B, C*kh*kw, T)
+        a = _conv_unfold(m, x)  # (N, C*kh*kw, P) with N = B or B*T
+        n = a.shape[0] // B
+        if n > 1:  # images folded into the batch dim: one image's rows are consecutive
+            a = a.reshape(B, n, a.shape[1], a.shape[2]).transpose(1, 2).reshape(B, a.shape[1], -1)
+            g = g.reshape(K, B, n, m.out_channels, -1).transpose(2, 3)
         a = a.reshape(B, groups, a.shape[1] // groups, a.shape[2])
         g = g.reshape(K, B, groups, m.out_channels // groups, -1)
     elif isinstance(m, nn.Linear):
         groups = 1
+        x, g = x.movedim(bdim, 0), g.movedim(bdim + 1, 1)
         a = x.reshape(B, -1, x.shape[-1]).transpose(1, 2).unsqueeze(1)  # (B, 1, I, T)
         g = g.reshape(K, B, -1, g.shape[-1]).transpose(2, 3).unsqueeze(2)  # (K, B, 1, O, T)
     else:
@@ -96,14 +106,20 @@ def _layer_operands(m: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor,
 
 
 def sq_norms(
-    m: nn.Module, calls: Sequence[tuple[Tensor, Tensor]], force_materialize: bool = False
+    m: nn.Module,
+    calls: Sequence[tuple[Tensor, Tensor]],
+    force_materialize: bool = False,
+    batch: int | None = None,
+    bdim: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-sample squared gradient norms of m.weight summed over the K backward vectors.
 
-    calls: [(input (B, ...), grad_output (K, B, ...)), ...] for every call of m in the forward.
+    calls: [(input, grad_output (K, ...)), ...] for every call of m in the forward; `batch` images (default:
+    the grad's dim 1), indexed by dim `bdim` of the input.
     Returns (norms (B,), diag (O, D) summed over samples and K, or None unless force_materialize).
     """
-    ops = [_layer_operands(m, x, g) for x, g in calls]
+    batch = calls[0][1].shape[1] if batch is None else batch
+    ops = [_layer_operands(m, x, g, batch, bdim) for x, g in calls]
     a0, g0, _ = ops[0]
     K, B, G, Og, T = g0.shape
     D = a0.shape[2]
@@ -124,26 +140,58 @@ def sq_norms(
     return (gram_a * gram_g).sum(dim=(1, 2, 3)), None
 
 
+# Many classes: summing over all C classes costs C backward vectors per image. Above EXACT_CLASSES, the
+# TOP_CLASSES most probable classes of an image are summed exactly and TAIL_SAMPLES of the others drawn by
+# importance sampling (q_c ~ p_c ||p - e_c||^2 over the tail, weighted by p_c / q_c): unbiased, and
+# TOP_CLASSES + TAIL_SAMPLES backward vectors per image whatever C is.
+EXACT_CLASSES = 16
+TOP_CLASSES = 8
+TAIL_SAMPLES = 4
+
+
+def _is_weights(p: Tensor) -> Tensor:
+    """q_c ~ p_c ||p - e_c||^2, the importance distribution over classes (rows of p)."""
+    q = p * ((p * p).sum(1, keepdim=True) - 2 * p + 1) + 1e-30
+    return q / q.sum(1, keepdim=True)
+
+
 def output_grad_vectors(logits: Tensor, mode: str, generator: torch.Generator | None) -> Tensor:
     """Backward vectors u (K, B, C) with sum_k ||J^T u_k||^2 = the Gauss-Newton quadratic form.
 
     exact: K = C, u_c = sqrt(p_c) (p - e_c), summing p_c ||grad CE(., c)||^2 over classes.
+    top_is: K = TOP_CLASSES + TAIL_SAMPLES: the top classes exactly, the tail importance-sampled (unbiased).
     mc_fisher: K = 1, u = p - e_c with one label c ~ p per image (unbiased for the same sum).
+    mc_fisher_is: K = 1, one label from q_c ~ p_c ||p - e_c||^2, weighted by p_c / q_c (unbiased).
     """
     # on the CPU: the label generator is a CPU torch.Generator (same draws on every device)
     p = torch.softmax(logits.detach().double().cpu(), dim=-1)  # (B, C)
     B, C = p.shape
+    if mode == "top_is" and C <= TOP_CLASSES + TAIL_SAMPLES:
+        mode = "exact"
     if mode == "exact":
         eye = torch.eye(C, dtype=p.dtype)
         u = (p.unsqueeze(0) - eye.unsqueeze(1)) * p.T.sqrt().unsqueeze(-1)  # (C, B, C)
+    elif mode == "top_is":
+        top = p.topk(TOP_CLASSES, dim=1).indices  # (B, k)
+        tail = p.scatter(1, top, 0.0)
+        q = _is_weights(tail) * (tail > 0)
+        q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
+        drawn = torch.multinomial(q + 1e-300 * (q.sum(1, keepdim=True) == 0), TAIL_SAMPLES, replacement=True,
+                                  generator=generator)  # (B, m)
+        cls = torch.cat([top, drawn], 1)  # (B, K)
+        pc = p.gather(1, cls)
+        tail_w = pc[:, TOP_CLASSES:] / (TAIL_SAMPLES * q.gather(1, drawn).clamp_min(1e-300))
+        w = torch.cat([pc[:, :TOP_CLASSES], tail_w], 1)
+        w[:, TOP_CLASSES:] *= (tail.sum(1, keepdim=True) > 0)  # no tail mass: nothing to sample
+        u = (p.unsqueeze(1) - F.one_hot(cls, C).to(p.dtype)) * w.sqrt().unsqueeze(-1)  # (B, K, C)
+        u = u.transpose(0, 1)
     elif mode == "mc_fisher":
         c = torch.multinomial(p, 1, generator=generator).squeeze(1)  # (B,)
         u = (p - F.one_hot(c, C).to(p.dtype)).unsqueeze(0)  # (1, B, C)
     elif mode == "mc_fisher_is":
         # importance sampling: q_c ~ p_c ||p - e_c||^2, weight p_c / q_c (unbiased; if ||J^T u|| ~ ||u||,
         # every label gives nearly the same value and the label noise vanishes)
-        q = p * ((p * p).sum(1, keepdim=True) - 2 * p + 1) + 1e-30
-        q = q / q.sum(1, keepdim=True)
+        q = _is_weights(p)
         c = torch.multinomial(q, 1, generator=generator).squeeze(1)
         w = (p.gather(1, c[:, None]) / q.gather(1, c[:, None])).sqrt()  # (B, 1)
         u = ((p - F.one_hot(c, C).to(p.dtype)) * w).unsqueeze(0)
@@ -159,9 +207,11 @@ def gn_backward(
     mode: str,
     generator: torch.Generator | None,
     wrt_input: bool = False,
-) -> tuple[list[list[tuple[Tensor, Tensor]]], list[Tensor], int]:
+    group: int | None = None,
+) -> Iterator[tuple[list[list[tuple[Tensor, Tensor]]], list[Tensor], int]]:
     """Forward x, then backward the K vectors of `output_grad_vectors` to each layer's output (or its
-    own input, wrt_input=True). Returns (records, grads (K, B, ...) in record order, K)."""
+    own input, wrt_input=True), `group` vectors at a time (all at once by default). Yields (records,
+    grads (k, B, ...) in record order, k) per group of k vectors; the K gradients add up over groups."""
     with capture_io(modules, grad_input=wrt_input) as records, torch.enable_grad():
         logits = model(x)
     if not isinstance(logits, Tensor) or logits.dim() != 2:
@@ -171,11 +221,16 @@ def gn_backward(
         raise ValueError(f"layers {missing} were not called in the forward pass: check `layers`")
     u = output_grad_vectors(logits, mode, generator)  # (K, B, C)
     targets = [t for r in records for _, t in r]
-    if u.shape[0] == 1:
-        grads = [g.unsqueeze(0) for g in torch.autograd.grad(logits, targets, grad_outputs=u[0])]
-    else:
-        grads = list(torch.autograd.grad(logits, targets, grad_outputs=u, is_grads_batched=True))
-    return records, grads, u.shape[0]
+    K = u.shape[0]
+    group = K if group is None else max(1, group)
+    for s in range(0, K, group):
+        part = u[s : s + group]
+        last = s + group >= K
+        if part.shape[0] == 1:
+            grads = [g.unsqueeze(0) for g in torch.autograd.grad(logits, targets, part[0], retain_graph=not last)]
+        else:
+            grads = list(torch.autograd.grad(logits, targets, part, is_grads_batched=True, retain_graph=not last))
+        yield records, grads, part.shape[0]
 
 
 # hybrid: images with 1 - ||p||^2 >= this get the exact sum over classes, the others one importance-sampled
@@ -192,6 +247,20 @@ def hybrid_split(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return hard.nonzero().squeeze(1), (~hard).nonzero().squeeze(1)
 
 
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How one chunk is cut to fit memory: images per backward and backward vectors per group."""
+
+    images: int | None = None  # None: the whole chunk
+    vectors: int | None = None  # None: all vectors of a pass at once
+    batch_dims: tuple[int, ...] = ()  # per layer: the input dim that indexes the images
+
+
+def exact_mode(num_classes: int) -> str:
+    """What `exact` within `hybrid` means for this many classes (see TOP_CLASSES)."""
+    return "exact" if num_classes <= EXACT_CLASSES else "top_is"
+
+
 def persample_traces(
     model: nn.Module,
     modules: Sequence[nn.Module],
@@ -199,55 +268,99 @@ def persample_traces(
     mode: str,
     generator: torch.Generator | None = None,
     diagonal: bool = False,
+    plan: ChunkPlan | None = None,
 ) -> tuple[Tensor, list[Tensor] | None, int]:
     """Per-image Gauss-Newton average traces for one chunk of images.
 
     Returns (values (B, L) float64 with values[i, l] = sum_c p_ic ||grad_{W_l} CE_ic||^2 / n_l (or an
-    unbiased one-label estimate of it), per-layer diagonal sums (or None), backward passes spent).
+    unbiased estimate of it), per-layer diagonal sums (or None), backward vectors spent).
     """
+    plan = plan or ChunkPlan()
     if mode == "hybrid":
         values = torch.empty(x.shape[0], len(modules), dtype=torch.float64)
         diags: list[Tensor] | None = None
         spent = 0
+        width = None
         for idx, sub in zip(hybrid_split(model, x), ("exact", "mc_fisher_is")):
             if len(idx):
-                v, d, k = persample_traces(model, modules, x[idx], sub, generator, diagonal)
+                if sub == "exact":
+                    with torch.no_grad():
+                        width = width or int(model(x[idx[:1]]).shape[-1])
+                    sub = exact_mode(width)
+                v, d, k = persample_traces(model, modules, x[idx], sub, generator, diagonal, plan)
                 values[idx] = v
                 diags = d if diags is None or d is None else [a + b for a, b in zip(diags, d)]
                 spent += k
         return values, diags, spent
-    records, grads, k_vectors = gn_backward(model, modules, x, mode, generator)
-    values = torch.empty(x.shape[0], len(modules), dtype=torch.float64)
-    diags = [] if diagonal else None
-    j = 0
-    for li, (m, r) in enumerate(zip(modules, records)):
-        calls = [(inp, grads[j + k]) for k, (inp, _) in enumerate(r)]
-        j += len(r)
-        norms, diag = sq_norms(m, calls, force_materialize=diagonal)
-        values[:, li] = norms.double() / m.weight.numel()
-        if diags is not None:
-            diags.append(diag.reshape(m.weight.shape).double())
-    return values, diags, k_vectors
+    step = plan.images or x.shape[0]
+    if step < x.shape[0]:  # images are independent: cut the chunk, same values
+        parts = [persample_traces(model, modules, x[i : i + step], mode, generator, diagonal, plan)
+                 for i in range(0, x.shape[0], step)]
+        diags = None if not diagonal else [sum(d[li] for _, d, _ in parts) for li in range(len(modules))]
+        return torch.cat([v for v, _, _ in parts]), diags, sum(k for _, _, k in parts)
+    B = x.shape[0]
+    values = torch.zeros(B, len(modules), dtype=torch.float64)
+    diags = [torch.zeros(m.weight.shape, dtype=torch.float64) for m in modules] if diagonal else None
+    spent = 0
+    for records, grads, k in gn_backward(model, modules, x, mode, generator, group=plan.vectors):
+        spent += k
+        j = 0
+        for li, (m, r) in enumerate(zip(modules, records)):
+            calls = [(inp, grads[j + c]) for c, (inp, _) in enumerate(r)]
+            j += len(r)
+            bdim = plan.batch_dims[li] if plan.batch_dims else 0
+            norms, diag = sq_norms(m, calls, force_materialize=diagonal, batch=B, bdim=bdim)
+            values[:, li] += norms.double().cpu() / m.weight.numel()
+            if diags is not None:
+                diags[li] += diag.reshape(m.weight.shape).double().cpu()
+        del grads
+    return values, diags, spent
+
+
+def layer_output_numel(model: nn.Module, modules: Sequence[nn.Module], x: Tensor) -> int:
+    """Elements of every layer output (all calls) for one image."""
+    with capture_io(modules) as records, torch.no_grad():
+        model(x[:1])
+    return sum(out.numel() for r in records for _, out in r)
 
 
 def chunk_memory_bytes(model: nn.Module, modules: Sequence[nn.Module], x: Tensor, n_vectors: int) -> int:
     """Rough peak bytes of one chunk: the layer-output gradients for all backward vectors."""
-    with capture_io(modules) as records, torch.no_grad():
-        model(x[:1])
-    per_image = sum(out.numel() for r in records for _, out in r)
+    per_image = layer_output_numel(model, modules, x)
     return int(per_image * x.shape[0] * n_vectors * x.element_size() * 3)
 
 
-def check_memory(nbytes: int, limit_bytes: int | None, chunk_size: int) -> None:
-    if limit_bytes is not None and nbytes > limit_bytes:
-        smaller = max(1, int(chunk_size * limit_bytes / nbytes))
+def plan_chunk(
+    model: nn.Module, modules: Sequence[nn.Module], x: Tensor, chunk_size: int, n_vectors: int,
+    limit_bytes: int | None, batch_dims: Sequence[int] = (),
+) -> ChunkPlan:
+    """Images per backward and vectors per group so that one backward's gradients fit in `limit_bytes`
+    (the sums are the same however the chunk is cut; only the time changes)."""
+    per_vector_image = chunk_memory_bytes(model, modules, x[:1], 1)
+    if limit_bytes is None:
+        return ChunkPlan(batch_dims=tuple(batch_dims))
+    budget = int(0.6 * limit_bytes)
+    need = per_vector_image * (n_vectors + 1)  # +1: the forward's own activations, roughly
+    if need * chunk_size <= budget:
+        return ChunkPlan(batch_dims=tuple(batch_dims))
+    images = budget // need
+    if images >= 1:
+        return ChunkPlan(images=int(images), batch_dims=tuple(batch_dims))
+    vectors = budget // per_vector_image - 1
+    if vectors < 1:
         raise ValueError(
-            f"one chunk needs about {nbytes / 2**30:.1f} GiB for the per-class gradients, more than "
-            f"{limit_bytes / 2**30:.1f} GiB available: pass chunk_size={smaller} (or smaller)"
+            f"one image needs about {2 * per_vector_image / 2**30:.1f} GiB for its per-class gradients, more "
+            f"than the {limit_bytes / 2**30:.1f} GiB available: use a smaller input or method='hutchinson'"
         )
+    return ChunkPlan(images=1, vectors=int(vectors), batch_dims=tuple(batch_dims))
 
 
-def available_memory_bytes() -> int | None:
+def available_memory_bytes(device: torch.device | str | None = None) -> int | None:
+    """Free memory of `device` (CUDA: the device's free memory; CPU: MemAvailable)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
     try:
         with open("/proc/meminfo") as f:
             for line in f:

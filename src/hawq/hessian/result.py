@@ -53,13 +53,14 @@ class LayerTrace:
 
 @dataclass(frozen=True)
 class TraceResult:
-    method: str  # the method actually used: "exact", "hybrid", "mc_fisher", "mc_fisher_is", "hutchinson"
+    method: str  # the method actually used: "exact", "hybrid", "gn_residual", "mc_fisher", "mc_fisher_is", "hutchinson"
     layers: tuple[LayerTrace, ...]  # in the order of the `layers` argument
     n_images: int
     n_backward: int  # backward passes (per class for exact) or Hessian-vector products spent
     wall_s: float
     history: dict[str, list[list[float]]]  # fqn -> [[images_processed, mean, stderr], ...]
     notes: tuple[str, ...] = ()
+    reason: str = ""  # why this method (what `auto` saw), e.g. "piecewise linear in every layer's weights"
     # per-layer curvature diagonal (same shape as the weight) when asked for; not part of to_dict
     diagonals: dict[str, Tensor] | None = field(default=None, compare=False, repr=False)
 
@@ -88,6 +89,7 @@ class TraceResult:
             "wall_s": self.wall_s,
             "history": {k: [list(map(float, row)) for row in v] for k, v in self.history.items()},
             "notes": list(self.notes),
+            "reason": self.reason,
         }
 
     @classmethod
@@ -100,6 +102,7 @@ class TraceResult:
             wall_s=float(d["wall_s"]),
             history={str(k): [list(map(float, row)) for row in v] for k, v in d.get("history", {}).items()},
             notes=tuple(str(x) for x in d.get("notes", ())),
+            reason=str(d.get("reason", "")),
         )
 
 
@@ -144,6 +147,52 @@ class RunningStats:
         self.count = int(s["count"])
         self.sum = s["sum"].clone()
         self.sumsq = s["sumsq"].clone()
+
+
+class ResidualStats:
+    """Per-chunk residual estimates r_k (probe means) beside the chunk's mean Gauss-Newton value g_k.
+
+    The trace is mean(g over images) + mean(r over chunks); its variance adds the residual's spread over
+    chunks (data and probes) and twice the covariance of g_k and r_k (the same images made both).
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self.count = 0
+        self.sum = torch.zeros(n_layers, dtype=torch.float64)
+        self.sumsq = torch.zeros(n_layers, dtype=torch.float64)
+        self.sum_g = torch.zeros(n_layers, dtype=torch.float64)
+        self.sum_gr = torch.zeros(n_layers, dtype=torch.float64)
+
+    def add(self, r: Tensor, g: Tensor) -> None:
+        """r, g: (n_layers,) one chunk's residual estimate and mean Gauss-Newton value."""
+        r, g = r.detach().double(), g.detach().double()
+        self.count += 1
+        self.sum += r
+        self.sumsq += r * r
+        self.sum_g += g
+        self.sum_gr += g * r
+
+    def mean(self) -> Tensor:
+        return self.sum / max(self.count, 1)
+
+    def variance_of_mean(self) -> Tensor:
+        """Var(mean r) + 2 Cov(mean g, mean r), both over chunks (inf below two chunks)."""
+        k = self.count
+        if k < 2:
+            return torch.full_like(self.sum, math.inf)
+        mr, mg = self.sum / k, self.sum_g / k
+        var = (self.sumsq - k * mr * mr) / (k - 1)
+        cov = (self.sum_gr - k * mg * mr) / (k - 1)
+        return (var + 2 * cov) / k
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "sum": self.sum.clone(), "sumsq": self.sumsq.clone(),
+                "sum_g": self.sum_g.clone(), "sum_gr": self.sum_gr.clone()}
+
+    def load_state_dict(self, s: Mapping[str, Any]) -> None:
+        self.count = int(s["count"])
+        self.sum, self.sumsq = s["sum"].clone(), s["sumsq"].clone()
+        self.sum_g, self.sum_gr = s["sum_g"].clone(), s["sum_gr"].clone()
 
 
 def convergence(mean: Tensor, stderr: Tensor, n_params: Sequence[int], rel_tol: float, min_share: float) -> list[bool]:

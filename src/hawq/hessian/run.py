@@ -10,18 +10,23 @@ from torch import Tensor
 
 from hawq.hessian.activations import act_hutchinson, act_persample
 from hawq.hessian.hutchinson import hvp_probes
-from hawq.hessian.persample import persample_traces
-from hawq.hessian.result import LayerTrace, RunningStats, TraceResult, convergence
+from hawq.hessian.persample import ChunkPlan, persample_traces
+from hawq.hessian.residual import residual_probes
+from hawq.hessian.result import LayerTrace, ResidualStats, RunningStats, TraceResult, convergence
 from hawq.io import load_torch, save_torch
 
 
 class EstimationRun:
     """Running sums, counters, history and RNG state of one estimation (what `state_path` holds)."""
 
-    def __init__(self, names, n_params, seed, diagonal, params, activations: bool = False) -> None:
+    def __init__(self, names, n_params, seed, diagonal, params, activations: bool = False,
+                 curved: tuple[int, ...] = (), plan: ChunkPlan | None = None) -> None:
         self.names, self.n_params = list(names), list(n_params)
         self.activations = activations
+        self.curved = tuple(curved)  # gn_residual: the layers whose residual is probed
+        self.plan = plan or ChunkPlan()
         self.stats = RunningStats(names)
+        self.residual = ResidualStats(len(self.names))
         self.images = 0
         self.n_backward = 0
         self.n_probes = 0
@@ -40,29 +45,53 @@ class EstimationRun:
                 values, k = act_persample(model, modules, x, method, self.gen)
             self.stats.add(values)  # one sample per image either way (block-diagonal Hessian)
             self.n_backward += k
+        elif method == "gn_residual":
+            values, _, k = persample_traces(model, modules, x, "hybrid", self.gen, False, self.plan)
+            self.stats.add(values)
+            r = torch.zeros(len(self.names), dtype=torch.float64)
+            if self.curved:
+                params = [modules[i].weight for i in self.curved]
+                est = residual_probes(model, params, x, y, loss_fn, n_probes, self.gen)
+                r[list(self.curved)] = est.mean(0)
+                self.n_probes += n_probes
+                k += 1 + n_probes
+            self.residual.add(r, values.mean(0))
+            self.n_backward += k
         elif method == "hutchinson":
             est = hvp_probes(model, [m.weight for m in modules], x, y, loss_fn, n_probes, self.gen)
             self.stats.add(est.mean(0, keepdim=True))  # probes of one chunk share its data: one sample
             self.n_backward += 1 + n_probes
             self.n_probes += n_probes
         else:
-            values, diags, k = persample_traces(model, modules, x, method, self.gen, self.diag_sums is not None)
+            values, diags, k = persample_traces(model, modules, x, method, self.gen, self.diag_sums is not None,
+                                                self.plan)
             self.stats.add(values)
             self.n_backward += k
             if diags is not None:
                 for acc, d in zip(self.diag_sums, diags):
                     acc += d.cpu()
         self.images += x.shape[0]
-        mean, se = self.stats.mean(), self.stats.stderr()
+        mean, se = self.mean(), self.stderr()
         if self.stats.count >= 2:
             for i, n in enumerate(self.names):
                 self.history[n].append([float(self.images), float(mean[i]), float(se[i])])
 
-    def done(self, rel_tol: float, min_share: float) -> list[bool]:
-        return convergence(self.stats.mean(), self.stats.stderr(), self.n_params, rel_tol, min_share)
+    def mean(self) -> Tensor:
+        """Per-layer average traces: the Gauss-Newton mean plus the probed residual (gn_residual)."""
+        return self.stats.mean() + self.residual.mean() if self.residual.count else self.stats.mean()
 
-    def result(self, method, rel_tol, min_share, wall_s, notes) -> TraceResult:
-        mean, se = self.stats.mean(), self.stats.stderr()
+    def stderr(self) -> Tensor:
+        se = self.stats.stderr()
+        if not self.residual.count or not self.curved:
+            return se
+        var = se * se + self.residual.variance_of_mean()
+        return var.clamp_min(0.0).sqrt()
+
+    def done(self, rel_tol: float, min_share: float) -> list[bool]:
+        return convergence(self.mean(), self.stderr(), self.n_params, rel_tol, min_share)
+
+    def result(self, method, rel_tol, min_share, wall_s, notes, reason: str = "") -> TraceResult:
+        mean, se = self.mean(), self.stderr()
         done = self.done(rel_tol, min_share)
         n = self.n_probes if method == "hutchinson" and not self.activations else self.stats.count
         layers = tuple(
@@ -72,7 +101,8 @@ class EstimationRun:
         diagonals = None
         if self.diag_sums is not None:
             diagonals = {name: (d / max(self.images, 1)).float() for name, d in zip(self.names, self.diag_sums)}
-        return TraceResult(method, layers, self.images, self.n_backward, wall_s, self.history, tuple(notes), diagonals)
+        return TraceResult(method, layers, self.images, self.n_backward, wall_s, self.history, tuple(notes), reason,
+                           diagonals)
 
     def save(self, path, key: str) -> None:
         save_torch(
@@ -86,6 +116,7 @@ class EstimationRun:
                 "history": self.history,
                 "gen": self.gen.get_state(),
                 "diag_sums": self.diag_sums,
+                "residual": self.residual.state_dict(),
             },
         )
 
@@ -107,5 +138,7 @@ class EstimationRun:
         )
         self.history = {k: [list(r) for r in v] for k, v in s["history"].items()}
         self.gen.set_state(s["gen"])
+        if s.get("residual") is not None:
+            self.residual.load_state_dict(s["residual"])
         if s.get("diag_sums") is not None:
             self.diag_sums = [d.clone() for d in s["diag_sums"]]

@@ -1,0 +1,96 @@
+"""The curved part of a layer's Hessian trace, probed: Tr(H_l - G_l) by Hutchinson on a control variate.
+
+For a loss L(z(theta)) of logits z, H = J^T (d^2 L / dz^2) J + sum_c (dL/dz_c) d^2 z_c / dtheta^2 = G + R.
+The Gauss-Newton part G is summed exactly from per-sample gradients (persample.py); only the residual R is
+left to random probes, and R is the Hessian of s(theta) = <stop_grad(dL/dz), z(theta)>, so one
+Hessian-vector product of s per probe gives v_l . (R v)_l with no Jacobian-vector product. On a curved
+net the residual's per-probe variance is far below that of v . H v (DESIGN.md: 67-518x on a trained
+GELU/LayerNorm/SiLU MLP), and Tr(G_l) + E[v_l . (R v)_l] is unbiased for Tr(H_l). Probes cover the
+curved layers only: on a layer proved piecewise linear R_ll = 0, and leaving it out of v removes its
+cross-terms from the other layers' noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from hawq.hessian.hutchinson import LossFn, rademacher
+
+
+class _TwiceDifferentiable(TorchFunctionMode):
+    """Ops whose double backward PyTorch lacks, rewritten as the same function of ops that have it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.hardsigmoid:  # relu6(x + 3) / 6, piecewise linear: the same values and derivatives
+            return F.relu6(args[0] + 3) / 6
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def twice_differentiable():
+    with _TwiceDifferentiable():
+        yield
+
+
+def residual_probes(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    n_probes: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """(n_probes, L) estimates v_l . (R v)_l / n_l of the chunk-mean loss's residual average traces."""
+    with torch.enable_grad(), twice_differentiable():
+        z = model(x)
+        zd = z.detach().requires_grad_(True)
+        (r,) = torch.autograd.grad(loss_fn(zd, y), zd)  # dL/dz of the chunk-mean loss
+        s = (r * z).sum()
+        grads = torch.autograd.grad(s, params, create_graph=True, allow_unused=True)
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    out = torch.zeros(n_probes, len(params), dtype=torch.float64)
+    for k in range(n_probes):
+        vs = [rademacher(p.shape, p, generator) for p in params]
+        if not live:
+            continue
+        hv = torch.autograd.grad(
+            [grads[i] for i in live], params, [vs[i] for i in live], retain_graph=k < n_probes - 1, allow_unused=True
+        )
+        for li, (v, h) in enumerate(zip(vs, hv)):
+            if h is not None:
+                out[k, li] = float((v.double() * h.double()).sum()) / v.numel()
+    return out
+
+
+def residual_unreachable(model: nn.Module, names: Sequence[str], params: Sequence[Tensor], x: Tensor, y: Tensor,
+                         loss_fn: LossFn) -> list[str]:
+    """Curved layers whose residual cannot be probed: the second backward raises, or comes back empty (what a
+    `once_differentiable` autograd Function silently gives)."""
+    bad = []
+    try:
+        with torch.enable_grad(), twice_differentiable():
+            z = model(x)
+            zd = z.detach().requires_grad_(True)
+            (r,) = torch.autograd.grad(loss_fn(zd, y), zd)
+            grads = torch.autograd.grad((r * z).sum(), params, create_graph=True, allow_unused=True)
+    except RuntimeError:
+        return list(names)
+    for name, g, p in zip(names, grads, params):
+        if g is None or not g.requires_grad:  # a curved layer's gradient depends on its weights: the
+            bad.append(name)  # path went through an op that hides its double backward (once_differentiable)
+            continue
+        try:
+            (h,) = torch.autograd.grad(g, p, torch.ones_like(g), retain_graph=True, allow_unused=True)
+        except RuntimeError:
+            h = None
+        if h is None:
+            bad.append(name)
+    return bad
