@@ -49,3 +49,46 @@ def test_stage_command_on_a_run_whose_device_is_gone(fake_fmnist, tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2 and "no CUDA device" in err and len(err.strip().splitlines()) == 1, err
     assert (out / "config.json").read_text() == text and sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+@pytest.mark.parametrize("extra", [["--a-bits", "4"], ["--a-bits-options", "4", "8"]])
+def test_infeasible_bops_budget_is_refused_up_front(extra, fake_fmnist, tmp_path, capsys):
+    """Like an infeasible size budget: before config.json (and before training), not at the allocation stage."""
+    out = tmp_path / "out"
+    code = main(_args(fake_fmnist, out, *extra, "--budget-gbops", "1e-7"))
+    err = capsys.readouterr().err
+    assert code == 2 and "raise --budget-gbops" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def _allocate_with_fixed_a_bits(fake_fmnist, out, budget_gbops, **kw):
+    """The allocation stage on a run folder with an untrained tiny_cnn and made-up traces (no training)."""
+    from hawq import pipeline
+    from hawq.config import RunConfig
+    from hawq.io import save_torch, write_json
+
+    cfg = RunConfig(model="tiny_cnn", data_dir=str(fake_fmnist), quick=True, a_bits=8, budget_gbops=budget_gbops,
+                    baselines=(4,), **kw)
+    ctx, data = pipeline.prepare(cfg, out, progress=False)
+    torch.manual_seed(0)
+    model = ctx.task.build_model(cfg)
+    save_torch(out / "fp32.pt", {"state_dict": model.state_dict()})
+    write_json(out / "traces.json", "traces", {"layers": [{"fqn": f, "trace": 1.0} for f in ("conv1", "conv2", "fc")]})
+    return pipeline.stage_allocate(ctx, data)
+
+
+def test_bops_budget_with_fixed_activation_bits_is_honoured(fake_fmnist, tmp_path):
+    """--a-bits B --budget-gbops G: the weight bits are chosen so that sum MACs * w_bits * B <= G (it was ignored:
+    a plan 1e4 times over the budget, recorded as if met)."""
+    import json
+
+    free = _allocate_with_fixed_a_bits(fake_fmnist, tmp_path / "free", 1.0)  # cannot bind
+    assert set(free.w_bits.values()) == {8}  # no size budget and a BOPs budget that cannot bind
+    budget = (free.bops - 1) / 1e9  # just below the unconstrained plan's BOPs: the budget must bind
+    plan = _allocate_with_fixed_a_bits(fake_fmnist, tmp_path / "tight", budget)
+    assert plan.bops <= budget * 1e9 < free.bops
+    assert set(plan.a_bits.values()) == {8}
+    doc = json.loads((tmp_path / "tight" / "plan.json").read_text())
+    assert doc["bops"] <= doc["budget_gbops"] * 1e9 and doc["budget_bytes"] is None  # no size budget was applied
+    sized = _allocate_with_fixed_a_bits(fake_fmnist, tmp_path / "both", budget, budget_mb=free.size_bytes / 2**20)
+    assert sized.bops <= budget * 1e9 and sized.size_bytes <= free.size_bytes

@@ -7,6 +7,7 @@ Each stage reads the artifacts of the stages before it from the folder, so it ca
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 import time
@@ -27,6 +28,7 @@ from hawq.alloc import (
     default_fixed,
     fp32_size_bytes,
     joint_frontier,
+    layer_macs,
     make_plan,
     min_size_bytes,
     pareto_frontier,
@@ -34,7 +36,9 @@ from hawq.alloc import (
     sensitivity_table,
     size_report,
     sizing_table,
+    smallest_bops,
 )
+from hawq.alloc.plan import bops_shortfall
 from hawq.classification import ClassificationTask
 from hawq.config import RunConfig, check_device
 from hawq.distributed import barrier, distributed_traces, world_size
@@ -88,6 +92,11 @@ def budget_bytes(cfg: RunConfig, table: SensitivityTable) -> float:
     return uniform_size_bytes(table, cfg.budget_bits)
 
 
+def size_budget_applies(cfg: RunConfig) -> bool:
+    """A BOPs budget alone replaces the default size budget (--budget-bits); --budget-mb or --compression stay."""
+    return cfg.budget_mb is not None or cfg.compression is not None or cfg.budget_gbops is None
+
+
 def uniform_size_bytes(table: SensitivityTable, bits: float) -> float:
     """Size with every free layer at `bits` (may be fractional, e.g. 2.5) and fixed layers at their bits."""
     total = 32 * table.other_params
@@ -102,16 +111,25 @@ def _fixed(cfg: RunConfig, model: nn.Module) -> dict[str, int]:
     return get_task(cfg).fixed_layers(model) or default_fixed(model)
 
 
-def check_budget(cfg: RunConfig, model: nn.Module) -> None:
-    """Fail before anything is written when no plan can meet the budget."""
+def check_budget(cfg: RunConfig, model: nn.Module, example: Any = None) -> None:
+    """Fail before anything is written when no plan can meet the size or the BOPs budget.
+
+    The BOPs check needs the layers' MACs: one forward of `example` (an input batch)."""
     table = sizing_table(model, bits=cfg.w_bits, fixed=_fixed(cfg, model))
     budget = budget_bytes(cfg, table)
     smallest = min_size_bytes(table)
-    if budget < smallest:
+    if size_budget_applies(cfg) and budget < smallest:
         raise ValueError(
             f"budget {budget / MB:.4f} MB is below the smallest feasible size {smallest / MB:.4f} MB "
             f"(every layer at its lowest bit width): raise --budget-mb"
         )
+    if cfg.budget_gbops is not None and example is not None:
+        macs = layer_macs(model, example.to(next(model.parameters()).device))
+        table = dataclasses.replace(table, layers=tuple(dataclasses.replace(r, macs=macs.get(r.fqn, 0))
+                                                        for r in table.layers))
+        least = smallest_bops(table, cfg.a_bits_options or (cfg.a_bits,), joint=bool(cfg.a_bits_options))
+        if cfg.budget_gbops * 1e9 < least:
+            raise bops_shortfall(cfg.budget_gbops * 1e9, least)
 
 
 def prepare(cfg: RunConfig, out: str | Path, progress: bool = True) -> tuple[Context, Any]:
@@ -122,7 +140,7 @@ def prepare(cfg: RunConfig, out: str | Path, progress: bool = True) -> tuple[Con
     task = get_task(cfg)
     data = task.load_data(cfg)
     model = task.build_model(cfg)
-    check_budget(cfg, model)
+    check_budget(cfg, model, task.example_input(data))
     if cfg.checkpoint is not None:
         task.load_state_into(model, cfg.checkpoint)
     run.write_config(cfg)
@@ -142,7 +160,7 @@ def open_run(out: str | Path, progress: bool = True, needs_device: bool = True, 
         check_device(cfg.device)
     task = get_task(cfg)
     data = task.load_data(cfg)
-    check_budget(cfg, task.build_model(cfg))
+    check_budget(cfg, task.build_model(cfg), task.example_input(data))
     run.write_config(cfg)
     return Context(cfg, run, progress), data
 
@@ -267,26 +285,33 @@ def stage_allocate(ctx: Context, data: Any, model: nn.Module | None = None) -> P
         act_omega = activation_omega(act_traces, pert)
         table_dict["activation_omega"] = {k: {str(b): v for b, v in d.items()} for k, d in act_omega.items()}
         write_json(ctx.run.path("sensitivity.json"), "sensitivity", table_dict)
-        size_given = cfg.budget_mb is not None or cfg.compression is not None or cfg.budget_gbops is None
+        size_given = size_budget_applies(cfg)
         plan = best_joint_plan(table, act_omega, a_bits=cfg.a_bits_options, budget_bytes=budget if size_given else None,
                                budget_bops=None if cfg.budget_gbops is None else cfg.budget_gbops * 1e9)
         joint = joint_frontier(table, act_omega, a_bits=cfg.a_bits_options, cost="bops")
         frontier_doc["bops_points"] = [{"plan_id": i, **p.to_dict()} for i, p in enumerate(joint)]
         uniform_a = max(cfg.a_bits_options)
     else:
-        plan = best_plan(table, budget, a_bits=cfg.a_bits)
+        plan = best_plan(table, budget if size_budget_applies(cfg) else None, a_bits=cfg.a_bits,
+                         budget_bops=None if cfg.budget_gbops is None else cfg.budget_gbops * 1e9)
+    if not size_budget_applies(cfg):
+        budget = None  # recorded as no size budget, not as one the plan may exceed
     write_json(ctx.run.path("frontier.json"), "frontier", frontier_doc)
     uniform = {f"uniform{b}": make_plan(table, plan_for_bits(table, b).w_bits, {f: uniform_a for f in table.fqns},
                                         act_omega) for b in sorted(set(cfg.baselines))}
     write_json(ctx.run.path("plan.json"), "plan", {
-        **plan.to_dict(), "budget_bytes": budget, "budget_mb": budget / MB, "budget_gbops": cfg.budget_gbops,
+        **plan.to_dict(), "budget_bytes": budget, "budget_mb": None if budget is None else budget / MB,
+        "budget_gbops": cfg.budget_gbops,
         "size": size_report(table, plan), "sensitivity": table.kind,
         "uniform": {k: p.to_dict() for k, p in uniform.items()},
     })
-    ctx.log(f"plan: {plan.size_bytes / MB:.4f} MB (budget {budget / MB:.4f} MB), total Omega {plan.omega:.4g}, "
+    within = [] if budget is None else [f"{budget / MB:.4f} MB"]
+    within += [] if cfg.budget_gbops is None else [f"{plan.bops / 1e9:.4g} of {cfg.budget_gbops:.4g} GBOPs"]
+    ctx.log(f"plan: {plan.size_bytes / MB:.4f} MB (budget {', '.join(within)}), total Omega {plan.omega:.4g}, "
             f"{len(frontier)} Pareto points")
     ctx.run.update_results(stage="allocate", wall_s=time.perf_counter() - t0,
-                           allocation={"budget_mb": budget / MB, "frontier_points": len(frontier),
+                           allocation={"budget_mb": None if budget is None else budget / MB,
+                                       "frontier_points": len(frontier),
                                        "budget_gbops": cfg.budget_gbops, "joint": bool(cfg.a_bits_options)})
     return plan
 

@@ -173,6 +173,13 @@ def _export_section(exp: dict, plan: dict | None) -> list[str]:
     return lines
 
 
+def _budget_text(plan: dict) -> str:
+    """The budgets the plan was chosen under: size (MB) and/or BOPs (GBOPs per image)."""
+    parts = [] if plan.get("budget_mb") is None else [f"{plan['budget_mb']:.4f} MB"]
+    parts += [] if plan.get("budget_gbops") is None else [f"{plan['budget_gbops']:.4g} GBOPs"]
+    return " and ".join(parts) or "none"
+
+
 def write_report(root: str | Path) -> Path:
     """Write root/report.md and root/figures/*.png from whatever artifacts exist."""
     root = Path(root)
@@ -198,7 +205,10 @@ def write_report(root: str | Path) -> Path:
     if plan:
         s = plan.get("size", {})
         md += ["## Plan", "",
-               f"Budget {plan['budget_mb']:.4f} MB; plan {plan['size_bytes'] / MB:.4f} MB, total Ω {plan['omega']:.4g}"
+               f"Budget {_budget_text(plan)}; plan {plan['size_bytes'] / MB:.4f} MB"
+               + ("" if plan.get("budget_gbops") is None or plan.get("bops") is None else
+                  f", {plan['bops'] / 1e9:.4g} GBOPs")
+               + f", total Ω {plan['omega']:.4g}"
                f" ({plan.get('sensitivity', 'trace')} sensitivity). Whole model: "
                f"{s.get('compression', float('nan')):.2f}x smaller than fp32; quantized layers: "
                f"{s.get('quantized_compression', float('nan')):.2f}x.", "",

@@ -112,8 +112,8 @@ def test_joint_input_errors(table_factory):
         best_joint_plan(table, {**act, "layer1": {8: 0.0}}, budget_bops=1e9)
     with pytest.raises(ValueError, match="method"):
         best_joint_plan(table, act, budget_bops=1e9, method="greedy")
-    with pytest.raises(ValueError, match="one budget"):
-        best_joint_plan(table, act, budget_bops=1e9, budget_bytes=1e9, method="dp")
+    both = best_joint_plan(table, act, budget_bops=1e9, budget_bytes=1e9, method="dp")  # the DP takes both
+    assert both.omega == best_joint_plan(table, act, budget_bops=1e9, budget_bytes=1e9).omega
     with pytest.raises(ValueError, match="not in the sensitivity table"):
         best_joint_plan(table, act, budget_bops=1e9, ties=[("layer0", "nope")])
     fixed = table_factory(0, n_layers=3, fixed={0: 8, 1: 4})

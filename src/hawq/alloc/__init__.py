@@ -18,7 +18,7 @@ from hawq.alloc.baselines import (
 )
 from hawq.alloc.frontier import FrontierPoint, ParetoSet, pareto_dp, pareto_frontier
 from hawq.alloc.ilp import solve_ilp
-from hawq.alloc.joint import best_joint_plan, joint_frontier, weight_frontier
+from hawq.alloc.joint import best_joint_plan, joint_frontier, smallest_bops, weight_frontier
 from hawq.alloc.plan import Plan, best_plan, make_plan, plan_for_bits, plan_from_point, plan_omega
 from hawq.alloc.sensitivity import (
     LayerSensitivity,
@@ -74,6 +74,7 @@ __all__ = [
     "score_plan",
     "sensitivity_table",
     "size_report",
+    "smallest_bops",
     "sizing_table",
     "solve_ilp",
     "top_eigenvalues",

@@ -2,17 +2,18 @@
 
 Each layer picks (w_bits, a_bits) with Omega = Omega_w(w) + Omega_a(a); size depends on w only, BOPs =
 MACs * w * a. Tied layers (e.g. a residual downsample and the main-path conv reading the same input) share
-one choice. One budget: the Pareto dynamic program (exact); both budgets: the integer program (exact).
+one choice. One budget or both: the Pareto dynamic program (exact; `frontier.solve_caps`). The integer
+program (HiGHS, exact only to its tolerances) is a cross-check, `method="ilp"`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from hawq.alloc.frontier import FrontierPoint, frontier_points, solve_groups
+from hawq.alloc.frontier import FrontierPoint, frontier_points, solve_caps, solve_groups
 from hawq.alloc.ilp import solve_ilp
 from hawq.alloc.options import build_groups, decode, other_bits
-from hawq.alloc.plan import Plan, budget_cap, check_budget, make_plan
+from hawq.alloc.plan import Plan, bops_shortfall, budget_cap, check_budget, make_plan
 from hawq.alloc.sensitivity import SensitivityTable
 from hawq.alloc.size import MB
 
@@ -36,7 +37,8 @@ def best_joint_plan(
     """Min total Omega (weights + activations) with size <= budget_bytes and/or BOPs <= budget_bops.
 
     `act_omega[fqn][a]` is the activation Omega of layer fqn's input at a bits; fixed layers keep their
-    weight bits for activations too. `method`: "auto" (DP for one budget, ILP for two), "dp" or "ilp".
+    weight bits for activations too. `method`: "auto" or "dp" (the exact dynamic program, for one budget or
+    both), or "ilp" (HiGHS's plan, for cross-checking: optimal only to its tolerances, ~1e-7 relative).
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is unknown: use one of {METHODS}")
@@ -58,24 +60,21 @@ def best_joint_plan(
             "raise --budget-mb"
         )
     if bops_cap is not None and bops_cap < min_bops:
-        raise ValueError(
-            f"BOPs budget {budget_bops:.4g} is below the smallest feasible {min_bops:.4g} "
-            "(every layer at its lowest weight and activation bits): raise --budget-gbops"
-        )
-    both = size_cap is not None and bops_cap is not None
-    if method == "dp" and both:
-        raise ValueError("the DP solves one budget; for size and BOPs budgets together use method='ilp'")
-    if method == "ilp" or (method == "auto" and both):
-        choice = solve_ilp(groups, size_cap, bops_cap)
-        if choice is None:
-            raise ValueError(
-                "no plan meets both the size and the BOPs budget: raise --budget-mb or --budget-gbops"
-            )
-    else:
-        cost, cap = ("size", size_cap) if size_cap is not None else ("bops", bops_cap)
-        choice = solve_groups(groups, cost, cap=cap).choice[-1]
+        raise bops_shortfall(budget_bops, min_bops)
+    choice = solve_ilp(groups, size_cap, bops_cap) if method == "ilp" else solve_caps(groups, size_cap, bops_cap)
+    if choice is None:
+        raise ValueError("no plan meets both the size and the BOPs budget: raise --budget-mb or --budget-gbops")
     w, a = decode(table, groups, choice)
     return make_plan(table, w, a, act_omega)
+
+
+def smallest_bops(table: SensitivityTable, a_bits: Sequence[int | None], joint: bool = True) -> int:
+    """BOPs of the cheapest plan: free layers at their lowest weight bits and lowest of `a_bits`; fixed layers
+    at their weight bits, with those bits for activations too under joint allocation (`joint`), else the
+    lowest of `a_bits`. Needs the table's MACs; a budget below this cannot be met."""
+    _check_macs(table)
+    act = {r.fqn: {a: 0.0 for a in a_bits if a is not None} for r in table.layers if not r.fixed} if joint else None
+    return sum(int(g.bops.min()) for g in build_groups(table, tuple(a_bits), act))
 
 
 def joint_frontier(

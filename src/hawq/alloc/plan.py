@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hawq.alloc.frontier import FrontierPoint, solve_groups
+from hawq.alloc.frontier import FrontierPoint, solve_caps
 from hawq.alloc.options import build_groups, decode, other_bits
 from hawq.alloc.sensitivity import SensitivityTable
 from hawq.alloc.size import MB, _w_bits_of, model_size_bytes, plan_bops
@@ -116,23 +116,48 @@ def budget_cap(value: float, units_per: int = 1) -> int:
     return NO_CAP if math.isinf(value) else math.floor(value * units_per)
 
 
-def best_plan(table: SensitivityTable, budget_bytes: float, a_bits: int | None = None) -> Plan:
-    """The minimum-Omega weight-bit plan whose size is within `budget_bytes` (exact, by the Pareto DP).
+def bops_shortfall(budget_bops: float, smallest: int) -> ValueError:
+    """The error for a BOPs budget below the cheapest plan's BOPs."""
+    return ValueError(
+        f"BOPs budget {budget_bops / 1e9:.6g} GBOPs is below the smallest feasible {smallest / 1e9:.6g} GBOPs "
+        "(every layer at its lowest weight and activation bits): raise --budget-gbops"
+    )
 
-    `a_bits` (optional) sets every layer's input activation bits; it does not change the choice.
+
+def best_plan(
+    table: SensitivityTable,
+    budget_bytes: float | None,
+    a_bits: int | None = None,
+    budget_bops: float | None = None,
+) -> Plan:
+    """The minimum-Omega weight-bit plan within `budget_bytes` and/or `budget_bops` (exact, by the Pareto DP).
+
+    `a_bits` (optional) sets every layer's input activation bits (None: float, counted as 32 bits in BOPs);
+    it changes the choice only through a BOPs budget (BOPs of a layer = MACs * w_bits * a_bits).
     """
+    if budget_bytes is None and budget_bops is None:
+        raise ValueError("give a size budget (budget_bytes), a BOPs budget (budget_bops), or both")
     check_budget(budget_bytes, "the size budget", "--budget-mb")
-    groups = build_groups(table)
-    cap_bits = budget_cap(budget_bytes, 8) - other_bits(table)
+    check_budget(budget_bops, "the BOPs budget", "--budget-gbops")
+    if budget_bops is not None and not any(r.macs > 0 for r in table.layers):
+        raise ValueError("the table has no MACs, so BOPs are unknown: build it with example_input=a batch")
+    groups = build_groups(table, (a_bits,))
+    cap_bits = None if budget_bytes is None else budget_cap(budget_bytes, 8) - other_bits(table)
     smallest = sum(int(g.size_bits.min()) for g in groups) + other_bits(table)
-    if cap_bits < smallest - other_bits(table):
+    if cap_bits is not None and cap_bits < smallest - other_bits(table):
         raise ValueError(
             f"budget {budget_bytes / MB:.6g} MB is below the smallest feasible size "
             f"{smallest / 8 / MB:.6g} MB "
             "(every layer at its lowest bit width): raise --budget-mb"
         )
-    ps = solve_groups(groups, "size", cap=cap_bits)
-    w, _ = decode(table, groups, ps.choice[-1])  # the largest feasible size has the lowest Omega
+    bops_cap = None if budget_bops is None else budget_cap(budget_bops)
+    least_bops = sum(int(g.bops.min()) for g in groups)
+    if bops_cap is not None and bops_cap < least_bops:
+        raise bops_shortfall(budget_bops, least_bops)
+    choice = solve_caps(groups, cap_bits, bops_cap)
+    if choice is None:
+        raise ValueError("no plan meets both the size and the BOPs budget: raise --budget-mb or --budget-gbops")
+    w, _ = decode(table, groups, choice)
     return make_plan(table, w, {f: a_bits for f in w})
 
 
