@@ -19,6 +19,7 @@ from hawq.data.fashion_mnist import TensorDataset, batches, load_split
 from hawq.distributed import rank, world_size, wrap_ddp
 from hawq.io import load_torch, save_torch
 from hawq.models import create_model
+from hawq.quant import decompose_attention_
 from hawq.train import TrainConfig, evaluate, train
 
 DATASET_SHAPES = {"fashion_mnist": (1, 10)}  # in_channels, num_classes
@@ -40,7 +41,9 @@ def build_model(cfg: RunConfig) -> nn.Module:
     in_channels, num_classes = DATASET_SHAPES[cfg.dataset]
     torch.manual_seed(cfg.seed)  # the initial weights come from the run's seed
     kw = {} if cfg.weights is None else {"weights": cfg.weights}
-    return create_model(cfg.model, in_channels=in_channels, num_classes=cfg.num_classes or num_classes, **kw)
+    model = create_model(cfg.model, in_channels=in_channels, num_classes=cfg.num_classes or num_classes, **kw)
+    decompose_attention_(model)  # attention projections become quantizable Linear layers (after --weights load)
+    return model
 
 
 def fp_train_config(cfg: RunConfig, n_train: int) -> TrainConfig:

@@ -14,6 +14,7 @@ from hawq.classification import ClassificationTask, full_precision_model, load_s
 from hawq.config import RunConfig
 from hawq.data.imagenet import INCEPTION_IMAGE_SIZE, _subset, imagenet_folder
 from hawq.models import create_model
+from hawq.quant import decompose_attention_
 from hawq.train import evaluate
 
 QUICK_IMAGES = (256, 128)  # train, val images of a --quick run
@@ -28,7 +29,9 @@ class ImageFolderData:
 
 
 def image_size(cfg: RunConfig) -> int:
-    return cfg.image_size or (INCEPTION_IMAGE_SIZE if cfg.model == "inception_v3" else 224)
+    if cfg.image_size:
+        return cfg.image_size
+    return INCEPTION_IMAGE_SIZE if cfg.model in ("inception_v3", "torchvision:inception_v3") else 224
 
 
 def _root(cfg: RunConfig) -> Path:
@@ -59,7 +62,9 @@ class ImageFolderTask(ClassificationTask):
     def build_model(self, cfg: RunConfig) -> nn.Module:
         torch.manual_seed(cfg.seed)
         kw = {} if cfg.weights is None else {"weights": cfg.weights}
-        return create_model(cfg.model, in_channels=3, num_classes=count_classes(cfg), **kw)
+        model = create_model(cfg.model, in_channels=3, num_classes=count_classes(cfg), **kw)
+        decompose_attention_(model)  # attention projections become quantizable Linear layers
+        return model
 
     def load_state_into(self, model: nn.Module, path: str | Path) -> None:
         load_state_into(model, path)

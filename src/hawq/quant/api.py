@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from hawq.quant.attention import hidden_linear_layers
 from hawq.quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
 from hawq.quant.primitives import check_bits
 
@@ -37,8 +38,21 @@ class LayerBits:
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
-    """Fully qualified names of the Conv2d and Linear layers, in module order."""
-    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    """Fully qualified names of the Conv2d and Linear layers, in module order.
+
+    Linear layers that attention applies by their weight without calling them (nn.MultiheadAttention's
+    out_proj, torchvision Swin's qkv/proj) are left out: `decompose_attention_(model)` makes them layers.
+    """
+    hidden = set(hidden_linear_layers(model))
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in hidden]
+
+
+def _not_quantizable(model: nn.Module, fqn: str) -> str:
+    if fqn in hidden_linear_layers(model):
+        return (f"plan names layer {fqn!r}, a projection inside attention that is applied without calling it: "
+                "call hawq.decompose_attention_(model) first")
+    return f"plan names layer {fqn!r}, which is not a Conv2d/Linear layer of the model"
 
 
 def _as_bits_mapping(plan: Any) -> dict[str, LayerBits]:
@@ -65,7 +79,7 @@ def resolve_plan(model: nn.Module, plan: Any) -> dict[str, LayerBits]:
                 resolved.setdefault(n, bits)
         else:
             if key not in names:
-                raise ValueError(f"plan names layer {key!r}, which is not a Conv2d/Linear layer of the model")
+                raise ValueError(_not_quantizable(model, key))
             resolved[key] = bits
     return resolved
 
@@ -129,3 +143,57 @@ def calibrate_(model: nn.Module, batches: Iterable[Any], n_batches: int | None =
             m.calibrating = False
         model.train(was_training)
     return model
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
+def first_last_layers(model: nn.Module, example_input: Tensor) -> tuple[str, str]:
+    """(first, last) quantizable layer, found from one eval-mode forward of `example_input`, not by
+    module order: the first layer executed whose input depends on the model input, and the last layer
+    executed whose output the model output depends on (so an auxiliary head that the forward skips, or
+    that does not feed the logits, is neither)."""
+    names = set(quantizable_layers(model))
+    if not names:
+        raise ValueError("the model has no Conv2d/Linear layer to quantize")
+    calls: list[tuple[str, bool, Tensor]] = []  # (fqn, reads the input, output) in execution order
+
+    def hook(fqn: str):
+        def fn(module: nn.Module, args: tuple, output: Any) -> None:
+            reads = any(t.requires_grad for t in _tensors(args))
+            out = _tensors(output)
+            calls.append((fqn, reads, out[0] if out else None))
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n in names]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    try:
+        model.requires_grad_(False)  # only the input carries requires_grad: it marks what depends on it
+        x = example_input.detach().clone()
+        x.requires_grad_(x.is_floating_point())
+        with torch.enable_grad():
+            outputs = [t for t in _tensors(model(x)) if t.requires_grad]
+            tracked = [(f, o) for f, _, o in calls if o is not None and o.requires_grad]
+            grads = torch.autograd.grad(sum(o.float().sum() for o in outputs), [o for _, o in tracked],
+                                        allow_unused=True) if outputs and tracked else []
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if not calls:
+        raise ValueError("no Conv2d/Linear layer ran in the model's forward on the example input")
+    first = next((f for f, reads, _ in calls if reads), calls[0][0])
+    feeding = [f for (f, _), g in zip(tracked, grads) if g is not None]
+    last = feeding[-1] if feeding else calls[-1][0]
+    return first, last
