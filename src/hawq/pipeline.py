@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from hawq.alloc import (
     MB,
@@ -105,17 +105,24 @@ def uniform_size_bytes(table: SensitivityTable, bits: float) -> float:
     return total / 8
 
 
-def _fixed(cfg: RunConfig, model: nn.Module) -> dict[str, int]:
+def _fixed(cfg: RunConfig, model: nn.Module, example: Any = None) -> dict[str, int]:
+    """The layers kept at 8 bits: the task's, else the first and last found from one forward of `example`
+    (the first reading the input, the last feeding the output; module order without an example)."""
     if not cfg.keep_first_last:
         return {}
-    return get_task(cfg).fixed_layers(model) or default_fixed(model)
+    fixed = get_task(cfg).fixed_layers(model)
+    if fixed:
+        return fixed
+    if isinstance(example, Tensor):
+        return default_fixed(model, example.to(next(model.parameters()).device))
+    return default_fixed(model)
 
 
 def check_budget(cfg: RunConfig, model: nn.Module, example: Any = None) -> None:
     """Fail before anything is written when no plan can meet the size or the BOPs budget.
 
     The BOPs check needs the layers' MACs: one forward of `example` (an input batch)."""
-    table = sizing_table(model, bits=cfg.w_bits, fixed=_fixed(cfg, model))
+    table = sizing_table(model, bits=cfg.w_bits, fixed=_fixed(cfg, model, example))
     budget = budget_bytes(cfg, table)
     smallest = min_size_bytes(table)
     if size_budget_applies(cfg) and budget < smallest:
@@ -269,7 +276,8 @@ def stage_allocate(ctx: Context, data: Any, model: nn.Module | None = None) -> P
             raise ValueError(f"the diagonal sensitivity needs curvature diagonals: run `hawq run --sensitivity diag "
                              f"--out {ctx.run.root}`")
         diagonals = load_torch(ctx.run.path("diagonals.pt"))
-    table = sensitivity_table(model, means, bits=cfg.w_bits, fixed=_fixed(cfg, model), diagonals=diagonals,
+    fixed = _fixed(cfg, model, ctx.task.example_input(data))
+    table = sensitivity_table(model, means, bits=cfg.w_bits, fixed=fixed, diagonals=diagonals,
                               example_input=ctx.task.example_input(data).to(cfg.device))
     table_dict = table.to_dict()
     table_dict["measure"] = table_dict.pop("kind", "trace")
