@@ -51,16 +51,16 @@ from hawq.config import RunConfig
 from hawq.data.fashion_mnist import TensorDataset, batches
 from hawq.hessian import estimate_traces, weights_hash
 from hawq.io import load_torch, save_torch
-from hawq.quant import calibrate_, quantize_
-from hawq.train import TrainConfig, evaluate, train
+from hawq.quant import quantize_
+from hawq.train import PostTrainConfig, TrainConfig, evaluate, post_train_, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = dict(budgets=[4.0, 3.0, 2.5, 2.25], seeds=[0, 1, 2], allocators=list(ALLOCATORS), ft_images=2560,
             test_images=5000, trace_images=2048, diag_images=512, eig_images=128, eig_iters=20, random_plans=50,
-            random_budget=3.0, a_bits=4, act_budgets=[4.0, 3.0, 2.5, 2.25])
+            random_budget=3.0, a_bits=4, act_budgets=[4.0, 3.0, 2.5, 2.25], ptq="on")
 QUICK = dict(budgets=[2.5], seeds=[0], allocators=["uniform", "hawq"], ft_images=256, test_images=1000,
              trace_images=128, diag_images=64, eig_images=64, eig_iters=3, random_plans=4, random_budget=2.5, a_bits=0,
-             act_budgets=[2.5])
+             act_budgets=[2.5], ptq="on")
 CACHED = "loaded from the cache: computed earlier for the same weights and settings"
 NAMES = {"uniform": "uniform", "random": "random", "reversed": "reversed", "v1": "HAWQ-V1 (eigenvalue / n)",
          "eigbound": "eigenvalue bound",
@@ -84,6 +84,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--random-budget", type=float)
     ap.add_argument("--a-bits", type=int, help="activation bits of the second table set (0: none)")
     ap.add_argument("--act-budgets", type=float, nargs="+", help="budgets of the activation tables")
+    ap.add_argument("--ptq", choices=("on", "off"), help="post-training steps before evaluation and fine-tuning: "
+                    "on = hawq's (clipped weight ranges, batch-norm re-estimation), off = max-scaled weights, float "
+                    "statistics (the page before issue 16)")
     ap.add_argument("--checkpoint", help="fp32 checkpoint (default: the hawq model cache)")
     ap.add_argument("--work-dir", default=str(Path(os.environ.get("HAWQ_CACHE", Path.home() / ".cache/hawq"))
                                                / "bench"), help="per-seed trace cache")
@@ -129,10 +132,14 @@ def uniform_size_bytes(table, bits: float) -> float:
     return (32 * table.other_params + sum(r.n_params * (r.bits[0] if r.fixed else bits) for r in table.layers)) / 8
 
 
-def quantized_copy(fp32, plan, data):
+def post_train_config(ptq: str) -> PostTrainConfig:
+    return PostTrainConfig() if ptq == "on" else PostTrainConfig.off()
+
+
+def quantized_copy(fp32, plan, data, ptq: str = "on"):
+    """The plan on a copy of fp32, then the post-training steps (hawq.train.ptq) on the first training images."""
     model = quantize_(copy.deepcopy(fp32), plan)
-    if any(b is not None for b in plan.a_bits.values()):
-        calibrate_(model, batches(data.train, 256), n_batches=8)
+    post_train_(model, lambda: batches(data.train, 256), post_train_config(ptq))
     return model
 
 
@@ -161,14 +168,14 @@ class Evaluator:
     def __call__(self, plan, seed: int, finetune: bool = True) -> tuple[float, float | None]:
         key, model = json.dumps([plan.w_bits, plan.a_bits], sort_keys=True), None
         if key not in self.before:
-            model = quantized_copy(self.fp32, plan, self.data)
+            model = quantized_copy(self.fp32, plan, self.data, self.a.ptq)
             t0 = time.perf_counter()
             self.before[key] = evaluate(model, self.test)
             self.eval_s.append(time.perf_counter() - t0)
         if not finetune:
             return self.before[key], None
         if (key, seed) not in self.after:
-            model = model if model is not None else quantized_copy(self.fp32, plan, self.data)
+            model = model if model is not None else quantized_copy(self.fp32, plan, self.data, self.a.ptq)
             cfg = TrainConfig(n_images=self.a.ft_images, batch_size=128, lr=0.005, weight_decay=1e-4, seed=seed)
             t0 = time.perf_counter()
             train(model, self.data.train, cfg, progress=False)
@@ -348,9 +355,10 @@ def main(a: argparse.Namespace) -> None:
     n_params = {r.fqn: r.n_params for r in sizing}
     for seed in a.seeds:
         m = meas[seed] = measures(fp32, data.train, seed, free, a, progress)
-        tables = {"trace": sensitivity_table(fp32, m["traces"], example_input=x1, progress=False),
+        wr = post_train_config(a.ptq).weight_range  # Omega of the quantizer the models get
+        tables = {"trace": sensitivity_table(fp32, m["traces"], example_input=x1, progress=False, weight_range=wr),
                   "diag": sensitivity_table(fp32, m["traces"], diagonals=m["diagonals"], example_input=x1,
-                                            progress=False)}
+                                            progress=False, weight_range=wr)}
         sets = [(None, a.budgets)] + ([(a.a_bits, a.act_budgets)] if a.a_bits else [])
         jobs = [(ab, b, n) for ab, bs in sets for b in bs for n in a.allocators]
         for ab, bits, name in tqdm(jobs, desc=f"seed {seed}", disable=not progress):
@@ -388,6 +396,17 @@ def main(a: argparse.Namespace) -> None:
     write_page(run, Path(a.out), raw)
 
 
+def ptq_line(ptq: str) -> str:
+    if ptq == "on":
+        return ("- Post-training steps (`hawq.train.ptq`), before the \"before FT\" score and before fine-tuning: "
+                "every weight channel clipped at the ratio of its largest magnitude that minimises ||Q(W)−W||² "
+                "(grid 1.00, 0.99, ..., 0.06), and batch-norm running statistics re-estimated in train mode on the "
+                "first 4096 training images, weights frozen; activations (4-bit tables) min/max-calibrated on 2048 "
+                "training images before and after. Omega and ||Q(W)−W||² are those of the clipped quantizer.")
+    return ("- No post-training steps: weights scaled by each channel's largest magnitude, batch-norm statistics "
+            "of the float model; activations (4-bit tables) min/max-calibrated on 2048 training images.")
+
+
 def full_command(argv: list[str]) -> str:
     """The full-design command: no setting flags, the same fp32 checkpoint."""
     ck = [argv[i + 1] for i, x in enumerate(argv[:-1]) if x == "--checkpoint"]
@@ -395,7 +414,7 @@ def full_command(argv: list[str]) -> str:
 
 
 def write_page(run: dict, out: Path, raw: Path) -> None:
-    a = argparse.Namespace(**run["settings"])
+    a = argparse.Namespace(**({"ptq": "off"} | run["settings"]))  # runs before the setting had no steps
     rows, rand, meas = run["rows"], run["random"], run["measures"]
     fig_dir = out.parent / "figures"
     allocs = [n for n in ALLOCATORS if n in a.allocators]
@@ -421,6 +440,7 @@ def write_page(run: dict, out: Path, raw: Path) -> None:
           "differences on the same images vary less.",
           "- Weights only quantized (per-channel symmetric), first and last layer fixed at 8 bits, candidate "
           "widths {2, 3, 4, 8}. Budget = size of uniform b-bit weights (fractional b: n·b bits per free layer).",
+          ptq_line(getattr(a, "ptq", "off")),
           f"- Seeds {a.seeds}: a seed sets the images of traces/eigenvalues/Fisher, the random plan and the "
           "fine-tuning order.",
           f"- Traces: exact (per-image Gauss-Newton = Hessian for this ReLU net) on {a.trace_images} training "

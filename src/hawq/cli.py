@@ -53,6 +53,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trace-rel-tol", type=float, default=d.trace_rel_tol,
                    help="target relative standard error of every layer's trace (default 0.05)")
     g.add_argument("--trace-max-images", type=int, default=None, help="default: 8192 (detection: 512)")
+    g.add_argument("--trace-chunk", type=int, default=d.trace_chunk,
+                   help=f"images per per-sample backward pass (default {d.trace_chunk}; cut further to fit memory)")
     _alloc_options(p)
     _ft_options(p)
 
@@ -90,11 +92,18 @@ def _ft_options(p: argparse.ArgumentParser, with_defaults: bool = True) -> None:
                    help="images of quantization-aware fine-tuning (default: 10240; detection: 4000)")
     g.add_argument("--ft-lr", type=float, default=keep(None), help="default: 0.005 (detection: 2e-4)")
     g.add_argument("--distill", action="store_true", default=keep(False), help="distil from the full-precision model")
+    g.add_argument("--weight-range", choices=("mse", "max"), default=keep("mse"),
+                   help="weight scale per channel: clipped to minimise ||Q(W)-W||^2 (mse, default) or max")
+    g.add_argument("--bn-images", type=int, default=keep(4096),
+                   help="re-estimate batch-norm statistics of the quantized model on this many training images "
+                        "before evaluation and fine-tuning (default 4096; 0: keep the float statistics)")
+    g.add_argument("--act-range", choices=("minmax", "percentile", "mse"), default=keep("minmax"),
+                   help="activation range calibration (default minmax)")
 
 
 ALLOC_KEYS = ("bits", "a_bits", "quantize_first_last", "budget_mb", "compression", "budget_bits",
               "sensitivity", "baselines")
-FT_KEYS = ("ft_images", "ft_lr", "distill")
+FT_KEYS = ("ft_images", "ft_lr", "distill", "weight_range", "bn_images", "act_range")
 
 
 def _to_config_kwargs(args: argparse.Namespace) -> dict:

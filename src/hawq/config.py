@@ -8,6 +8,7 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from hawq.hessian.methods import METHODS as TRACE_METHODS  # one list of the trace methods
 from hawq.quant.primitives import MAX_BITS, MIN_BITS
 
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
@@ -37,7 +38,6 @@ def check_device(device: str) -> None:
 
 TASKS = ("classification", "detection")
 DATASETS = ("fashion_mnist", "imagenet", "coco")
-TRACE_METHODS = ("auto", "exact", "hybrid", "mc_fisher", "mc_fisher_is", "hutchinson")
 
 # Fields that decide the full-precision model and its traces: a run folder holding other values is a
 # different run. The remaining fields (budget, bit widths, fine-tuning) may change between stage calls.
@@ -79,6 +79,7 @@ class RunConfig:
     trace_rel_tol: float = 0.05
     trace_max_images: int | None = None  # None: the task's default (8192; detection: 512)
     trace_batch_size: int = 128
+    trace_chunk: int = 64  # images per per-sample backward (cut further to fit the device's memory)
     # allocation
     w_bits: tuple[int, ...] = (2, 3, 4, 8)
     a_bits: int | None = None
@@ -94,6 +95,10 @@ class RunConfig:
     ft_lr: float | None = None
     ft_batch_size: int = 128
     distill: bool = False
+    # post-training steps (hawq.train.ptq), applied before the "before fine-tuning" score and before fine-tuning
+    weight_range: str = "mse"  # per-channel weight clip: "mse" (error-minimising) or "max"
+    bn_images: int = 4096  # batch-norm statistics re-estimated on this many training images (0: float ones)
+    act_range: str = "minmax"  # activation ranges: "minmax", "percentile" or "mse"
     baselines: tuple[int, ...] = (8, 4, 3)
     quick: bool = False
     device: str = "cpu"
@@ -131,11 +136,17 @@ class RunConfig:
             raise ValueError("give either --budget-mb or --compression, not both")
         if not MIN_BITS <= self.budget_bits <= 32:
             raise ValueError(f"--budget-bits must be between {MIN_BITS} and 32, got {self.budget_bits}")
-        for name in ("epochs", "batch_size", "trace_max_images", "trace_batch_size", "ft_batch_size"):
+        for name in ("epochs", "batch_size", "trace_max_images", "trace_batch_size", "trace_chunk", "ft_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.ft_images < 0:
             raise ValueError(f"--ft-images must be zero or positive, got {self.ft_images}")
+        if self.weight_range not in ("mse", "max"):
+            raise ValueError(f"--weight-range {self.weight_range!r} is unknown: use mse or max")
+        if self.act_range not in ("minmax", "percentile", "mse"):
+            raise ValueError(f"--act-range {self.act_range!r} is unknown: use minmax, percentile or mse")
+        if self.bn_images < 0:
+            raise ValueError(f"--bn-images must be zero or positive, got {self.bn_images}")
         if not 0 < self.trace_rel_tol < 1:
             raise ValueError(f"--trace-rel-tol must be in (0, 1), got {self.trace_rel_tol}")
         if self.sensitivity not in ("trace", "diag"):

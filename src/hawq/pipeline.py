@@ -45,7 +45,9 @@ from hawq.distributed import barrier, distributed_traces, world_size
 from hawq.hessian import estimate_activation_traces, estimate_traces, weights_hash
 from hawq.io import read_json, save_torch, write_json
 from hawq.quant import calibrate_, quantize_
+from hawq.quant.ranges import set_weight_range_
 from hawq.runfolder import RunFolder
+from hawq.train.ptq import PostTrainConfig, post_train_
 
 
 def get_task(cfg: RunConfig):
@@ -202,7 +204,7 @@ def load_fp32(ctx: Context) -> nn.Module:
 def trace_settings(cfg: RunConfig) -> dict:
     """What, besides the weights, decides the traces: a traces.json with the same values is reused."""
     return {"method": cfg.trace_method, "rel_tol": cfg.trace_rel_tol, "max_images": trace_max_images(cfg),
-            "batch_size": cfg.trace_batch_size, "seed": cfg.seed, "dataset": cfg.dataset,
+            "batch_size": cfg.trace_batch_size, "chunk": cfg.trace_chunk, "seed": cfg.seed, "dataset": cfg.dataset,
             "n_train": cfg.train_images, "diagonal": cfg.sensitivity == "diag",
             "activations": bool(cfg.a_bits_options)}
 
@@ -226,7 +228,7 @@ def stage_trace(ctx: Context, data: Any, model: nn.Module | None = None) -> dict
     partial = ctx.run.path("traces.partial.pt")  # running sums: an interrupted estimation resumes here
     kwargs = dict(method=cfg.trace_method, loss=ctx.task.trace_loss(model), rel_tol=cfg.trace_rel_tol,
                   max_images=trace_max_images(cfg), seed=cfg.seed, progress=ctx.progress,
-                  diagonal=settings["diagonal"])
+                  diagonal=settings["diagonal"], chunk_size=cfg.trace_chunk)
     if world_size() > 1:  # each rank estimates on its share of the batches; pooled on every rank
         result = distributed_traces(model, ctx.task.trace_batches(cfg, data), **kwargs)
     else:
@@ -239,9 +241,12 @@ def stage_trace(ctx: Context, data: Any, model: nn.Module | None = None) -> dict
     wall_s = payload.pop("wall_s", time.perf_counter() - t0)
     payload.update(weights_hash=w_hash, settings=settings)
     if settings["activations"]:
+        act_partial = ctx.run.path("act_traces.partial.pt")  # resumes after a kill, like the weight traces
         act = estimate_activation_traces(model, ctx.task.trace_batches(cfg, data), method=cfg.trace_method,
                                          loss=ctx.task.trace_loss(model), rel_tol=cfg.trace_rel_tol,
-                                         max_images=trace_max_images(cfg), seed=cfg.seed, progress=ctx.progress)
+                                         max_images=trace_max_images(cfg), seed=cfg.seed, progress=ctx.progress,
+                                         chunk_size=cfg.trace_chunk,
+                                         state_path=act_partial if world_size() == 1 else None)
         payload["activations"] = {k: v for k, v in act.to_dict().items() if k != "wall_s"}
         ctx.log(f"activation traces: {len(act.layers)} layer inputs by {act.method} on {act.n_images} images")
     if getattr(result, "diagonals", None):
@@ -249,9 +254,16 @@ def stage_trace(ctx: Context, data: Any, model: nn.Module | None = None) -> dict
     write_json(path, "traces", payload)
     if world_size() == 1:
         partial.unlink(missing_ok=True)
+        ctx.run.path("act_traces.partial.pt").unlink(missing_ok=True)
     worst = max(lt.stderr / abs(lt.trace) if lt.trace else float("inf") for lt in result.layers)
     ctx.log(f"traces: {len(result.layers)} layers by {result.method} on {result.n_images} images "
             f"(largest relative standard error {100 * worst:.1f}%)")
+    for note in result.notes:
+        ctx.log(f"traces: {note}")
+    if not result.converged:
+        idle = sum(not lt.converged for lt in result.layers)
+        ctx.log(f"traces: {idle} layers stopped above --trace-rel-tol {cfg.trace_rel_tol} at {result.n_images} "
+                "images: raise --trace-max-images for sharper traces")
     ctx.run.update_results(stage="trace", wall_s=time.perf_counter() - t0,
                            traces={"method": result.method, "n_images": result.n_images, "wall_s": wall_s,
                                    "n_backward": result.n_backward})
@@ -278,7 +290,7 @@ def stage_allocate(ctx: Context, data: Any, model: nn.Module | None = None) -> P
         diagonals = load_torch(ctx.run.path("diagonals.pt"))
     fixed = _fixed(cfg, model, ctx.task.example_input(data))
     table = sensitivity_table(model, means, bits=cfg.w_bits, fixed=fixed, diagonals=diagonals,
-                              example_input=ctx.task.example_input(data).to(cfg.device))
+                              example_input=ctx.task.example_input(data).to(cfg.device), weight_range=cfg.weight_range)
     table_dict = table.to_dict()
     table_dict["measure"] = table_dict.pop("kind", "trace")
     write_json(ctx.run.path("sensitivity.json"), "sensitivity", table_dict)
@@ -331,10 +343,18 @@ def plans_to_compare(ctx: Context) -> dict[str, Plan]:
     return plans
 
 
-def quantized_copy(task: Any, fp32: nn.Module, plan: Plan, data: Any) -> nn.Module:
+def post_train_config(cfg: RunConfig) -> PostTrainConfig:
+    return PostTrainConfig(weight_range=cfg.weight_range, bn_images=cfg.bn_images, act_range=cfg.act_range)
+
+
+def quantized_copy(task: Any, fp32: nn.Module, plan: Plan, data: Any, cfg: RunConfig | None = None) -> nn.Module:
+    """The plan applied to a copy of `fp32`, then the post-training steps of `cfg` (weight clipping,
+    activation ranges, batch-norm re-estimation; hawq.train.ptq). Without `cfg`: min/max calibration only."""
     model = copy.deepcopy(fp32)
     quantize_(model, plan)
-    if any(b is not None for b in plan.a_bits.values()):
+    if cfg is not None:
+        post_train_(model, lambda: task.calibration_batches(data), post_train_config(cfg))
+    elif any(b is not None for b in plan.a_bits.values()):
         calibrate_(model, task.calibration_batches(data), n_batches=8)
     return model
 
@@ -346,7 +366,7 @@ def stage_finetune(ctx: Context, data: Any, model: nn.Module | None = None) -> d
     ft_images = min(cfg.ft_images, 512) if cfg.quick else cfg.ft_images
     out = {}
     for name, plan in plans_to_compare(ctx).items():
-        qmodel = quantized_copy(task, fp32, plan, data)
+        qmodel = quantized_copy(task, fp32, plan, data, cfg)  # fine-tuning starts from the post-trained model
         before = task.evaluate(qmodel, data, progress=ctx.progress)
         ft = {}
         if ft_images > 0:
@@ -368,6 +388,7 @@ def load_finetuned(ctx: Context, fp32: nn.Module, name: str, plan: Plan) -> nn.M
         raise ValueError(f"{ckpt} is missing: run `hawq finetune --out {ctx.run.root}` first")
     qmodel = copy.deepcopy(fp32).cpu()
     quantize_(qmodel, plan)
+    set_weight_range_(qmodel, ctx.cfg.weight_range)
     ctx.task.load_state_into(qmodel, ckpt)
     return qmodel.to(ctx.cfg.device).eval()
 
