@@ -222,15 +222,22 @@ def write_report(root: str | Path) -> Path:
                 md += ["![BOPs frontier](figures/frontier_bops.png)", ""]
     if traces:
         _fig_traces(traces, figs / "traces.png")
-        md += ["## Hessian traces", "", f"Method `{traces['method']}` on {traces['n_images']} images.", "",
-               "![traces](figures/traces.png)", ""]
+        md += ["## Hessian traces", "", f"Method `{traces['method']}` on {traces['n_images']} images"
+               + (f" ({traces['reason']})." if traces.get("reason") else "."), ""]
+        md += [f"> {n}" for n in traces.get("notes", [])] + ([""] if traces.get("notes") else [])
+        idle = [r["fqn"] for r in traces["layers"] if not r.get("converged", True)]
+        if idle:
+            md += [f"**Not converged:** {len(idle)} layers stopped above the target relative standard error "
+                   "(marked * below): more images would sharpen them.", ""]
+        md += ["![traces](figures/traces.png)", ""]
         if _fig_convergence(traces, figs / "convergence.png"):
             md += ["![convergence](figures/convergence.png)", ""]
         md += ["| layer | n_params | Tr(H)/n | s.e. | rel. s.e. |", "|---|---|---|---|---|"]
         for r in traces["layers"]:
             se = float("inf") if r["stderr"] is None else r["stderr"]
             rel = se / abs(r["trace"]) if r["trace"] else float("inf")
-            md.append(f"| {r['fqn']} | {r['n_params']} | {r['trace']:.4g} | {se:.2g} | {100 * rel:.1f}% |")
+            mark = "" if r.get("converged", True) else " *"
+            md.append(f"| {r['fqn']}{mark} | {r['n_params']} | {r['trace']:.4g} | {se:.2g} | {100 * rel:.1f}% |")
         md.append("")
     exp = results.get("export")
     if exp:

@@ -282,3 +282,27 @@ def test_hybrid_mixes_exact_and_sampled_images_without_bias(tiny_mlp_case):
     for le, lt in zip(exact.layers, r.layers):
         assert abs(lt.trace - le.trace) <= 3 * lt.stderr and lt.stderr < 0.1 * le.trace
         assert float(r.diagonals[lt.fqn].double().mean()) == pytest.approx(lt.trace, rel=1e-5)
+
+
+def test_resume_after_a_max_images_cut_inside_a_chunk(tiny_cnn_case, tmp_path):
+    model, x, y = tiny_cnn_case  # 12 images
+    kw = dict(method="exact", progress=False, chunk_size=4, rel_tol=1e-9)
+    full = estimate_traces(model, [(x, y)], max_images=12, **kw)
+    state = tmp_path / "cut.pt"
+    estimate_traces(model, [(x, y)], max_images=10, state_path=state, **kw)  # stops inside the third chunk
+    resumed = estimate_traces(model, [(x, y)], max_images=12, state_path=state, **kw)
+    assert resumed.n_images == 12
+    for a, b in zip(full.layers, resumed.layers):
+        assert b.trace == pytest.approx(a.trace, rel=1e-12) and b.n_samples == a.n_samples
+
+
+def test_stopping_above_rel_tol_warns(tiny_mlp_case):
+    model, x, y = tiny_mlp_case
+    with pytest.warns(UserWarning, match="stopped before reaching rel_tol=1e-06"):
+        r = estimate_traces(model, [(x, y)], method="mc_fisher", rel_tol=1e-6, progress=False)
+    assert not r.converged
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a converged estimate says nothing
+        assert estimate_traces(model, [(x, y)], method="exact", rel_tol=0.9, min_share=0.5, progress=False).converged

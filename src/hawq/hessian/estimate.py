@@ -164,8 +164,8 @@ def estimate_activation_traces(
     piecewise linear (the Gauss-Newton identity holds for their input activations too), else hutchinson.
     Stopping rule, standard errors, determinism and `state_path` are as in `estimate_traces`.
     """
-    if method == "gn_residual":
-        raise ValueError("method='gn_residual' is for weight traces: use hutchinson or auto for activations")
+    if method == "gn_residual":  # the residual is probed for weights; activations of curved nets: auto's rule
+        method = "auto"
     opts = TraceOptions(method, loss, rel_tol, min_share, max_images, max_probes, chunk_size, seed, progress,
                         False, state_path, probes_per_batch, activations=True)
     return _estimate(model, batches, layers, opts)

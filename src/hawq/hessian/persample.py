@@ -273,7 +273,8 @@ def persample_traces(
     """Per-image Gauss-Newton average traces for one chunk of images.
 
     Returns (values (B, L) float64 with values[i, l] = sum_c p_ic ||grad_{W_l} CE_ic||^2 / n_l (or an
-    unbiased estimate of it), per-layer diagonal sums (or None), backward vectors spent).
+    unbiased estimate of it), per-layer diagonal sums (or None), image-backward passes spent: the sum over
+    images of the backward vectors each one took).
     """
     plan = plan or ChunkPlan()
     if mode == "hybrid":
@@ -303,7 +304,7 @@ def persample_traces(
     diags = [torch.zeros(m.weight.shape, dtype=torch.float64) for m in modules] if diagonal else None
     spent = 0
     for records, grads, k in gn_backward(model, modules, x, mode, generator, group=plan.vectors):
-        spent += k
+        spent += k * B  # one image through one backward vector = 1
         j = 0
         for li, (m, r) in enumerate(zip(modules, records)):
             calls = [(inp, grads[j + c]) for c, (inp, _) in enumerate(r)]

@@ -56,13 +56,18 @@ class TraceResult:
     method: str  # the method actually used: "exact", "hybrid", "gn_residual", "mc_fisher", "mc_fisher_is", "hutchinson"
     layers: tuple[LayerTrace, ...]  # in the order of the `layers` argument
     n_images: int
-    n_backward: int  # backward passes (per class for exact) or Hessian-vector products spent
+    n_backward: int  # Gauss-Newton: images x backward vectors (one image, one class = 1); Hutchinson: HVPs
     wall_s: float
     history: dict[str, list[list[float]]]  # fqn -> [[images_processed, mean, stderr], ...]
     notes: tuple[str, ...] = ()
     reason: str = ""  # why this method (what `auto` saw), e.g. "piecewise linear in every layer's weights"
     # per-layer curvature diagonal (same shape as the weight) when asked for; not part of to_dict
     diagonals: dict[str, Tensor] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def backward_per_image(self) -> float:
+        """Gauss-Newton methods: backward vectors per image (C for exact, about 1-12 for hybrid)."""
+        return self.n_backward / max(self.n_images, 1)
 
     def means(self) -> dict[str, float]:
         return {lt.fqn: lt.trace for lt in self.layers}

@@ -54,7 +54,7 @@ class EstimationRun:
                 est = residual_probes(model, params, x, y, loss_fn, n_probes, self.gen)
                 r[list(self.curved)] = est.mean(0)
                 self.n_probes += n_probes
-                k += 1 + n_probes
+                k += (1 + n_probes) * x.shape[0]  # one HVP of the chunk ~ one backward per image
             self.residual.add(r, values.mean(0))
             self.n_backward += k
         elif method == "hutchinson":
