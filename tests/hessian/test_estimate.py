@@ -74,26 +74,8 @@ def test_layer_traces_sum_to_the_full_trace(tiny_mlp_case):
     assert sum(lt.trace * lt.n_params for lt in r.layers) == pytest.approx(full, rel=1e-9)
 
 
-@pytest.mark.parametrize("method", ["mc_fisher", "mc_fisher_is", "hybrid", "hutchinson"])
-@pytest.mark.parametrize("case", ["tiny_mlp_case", "tiny_cnn_case"])
-def test_stochastic_methods_within_three_stderr_of_exact(method, case, request):
-    model, x, y = request.getfixturevalue(case)
-    exact = estimate_traces(model, [(x, y)], method="exact", progress=False)
-    r = estimate_traces(
-        model,
-        _repeat(x, y, 4, 40),
-        method=method,
-        chunk_size=4,
-        max_images=None,
-        rel_tol=0.03,
-        max_probes=200,
-        progress=False,
-        seed=3,
-    )
-    assert r.method == method
-    for le, lt in zip(exact.layers, r.layers):
-        assert abs(lt.trace - le.trace) <= 3 * lt.stderr, (lt.fqn, lt.trace, le.trace, lt.stderr)
-        assert lt.stderr < (1.0 if method == "hutchinson" else 0.2) * le.trace  # an informative error bar
+# Unbiasedness of the stochastic methods (mc_fisher, mc_fisher_is, hybrid, hutchinson): tests/hessian/test_unbiased.py,
+# on many distinct images, tight enough that a 5% bias fails (a repeated batch could not show that).
 
 
 def test_diagonal_loss_trace_from_one_probe():
@@ -257,31 +239,6 @@ def test_weights_hash_sees_weights_buffers_and_layers(tiny_cnn_case):
     with torch.no_grad():
         model.fc.weight[0, 0] += 1e-6
     assert weights_hash(model) != h2
-
-
-def test_hybrid_mixes_exact_and_sampled_images_without_bias(tiny_mlp_case):
-    from hawq.hessian.persample import hybrid_split
-
-    model, x, y = tiny_mlp_case
-    with torch.no_grad():
-        model.fc3.weight.mul_(12.0)  # some confident, some uncertain images
-    hard, easy = hybrid_split(model.eval(), x)
-    assert len(hard) > 0 and len(easy) > 0
-    exact = estimate_traces(model, [(x, y)], method="exact", progress=False)
-    r = estimate_traces(
-        model,
-        _repeat(x, y, 8, 40),
-        method="hybrid",
-        chunk_size=8,
-        max_images=None,
-        rel_tol=0.02,
-        progress=False,
-        seed=5,
-        diagonal=True,
-    )
-    for le, lt in zip(exact.layers, r.layers):
-        assert abs(lt.trace - le.trace) <= 3 * lt.stderr and lt.stderr < 0.1 * le.trace
-        assert float(r.diagonals[lt.fqn].double().mean()) == pytest.approx(lt.trace, rel=1e-5)
 
 
 def test_resume_after_a_max_images_cut_inside_a_chunk(tiny_cnn_case, tmp_path):

@@ -6,7 +6,7 @@ here uses thousands of distinct images (no batch repeated: the standard error th
 between images, and a repeated batch would hide a bias behind its own noise) and requires 3 standard errors
 to be under 3.5% of the trace; `test_a_five_percent_bias_is_caught` shows that a 5% bias fails these checks.
 
-Cases: (1) tiny_mlp on 32,768 random inputs, its last layer scaled so that some images are confident (then
+Cases: (1) tiny_mlp on 65,536 random inputs, its last layer scaled so that some images are confident (then
 `hybrid` mixes exact and sampled images); reference: the `exact` method (equal to the dense Hessian blocks,
 tests/hessian/test_estimate.py). (2) two linear heads on one-hot inputs (logistic regression with two
 blocks of different size), where the Hessian trace has a closed form, Tr(H)/n = mean_i sum_c p_ic (1 - p_ic)
@@ -63,7 +63,7 @@ class TwoHeads(nn.Module):
 
 @pytest.fixture(scope="module")
 def mlp_case():
-    n, size = 32768, 1024
+    n, size = 65536, 2048
     torch.manual_seed(0)
     model = M.create_model("tiny_mlp").double().eval()
     with torch.no_grad():
@@ -100,7 +100,7 @@ def estimates(mlp_case, onehot_case):
     out = {}
     model, batches, _ = mlp_case
     for method in ("mc_fisher", "mc_fisher_is", "hybrid"):
-        out["mlp", method] = _run(model, batches, method, chunk_size=1024, diagonal=method == "hybrid")
+        out["mlp", method] = _run(model, batches, method, chunk_size=2048, diagonal=method == "hybrid")
     model, batches, _ = onehot_case
     for method in ("mc_fisher", "mc_fisher_is", "hybrid", "hutchinson", "exact"):
         out["onehot", method] = _run(model, batches, method, chunk_size=256, probes_per_batch=16)
