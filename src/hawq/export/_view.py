@@ -47,12 +47,13 @@ class ActMark:
 
 class _WeightQ(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w: Tensor, tag: int, bits: int) -> Tensor:
-        levels, scales = weight_to_int(w, bits)
-        return levels.to(w.dtype) * scales.reshape(-1, *([1] * (w.dim() - 1)))
+    def forward(ctx, w: Tensor, tag: int, layer: _MarkedLayer) -> Tensor:
+        # the mark's levels * scales, computed once: recomputing the (clip-searched) scales here would have
+        # the tracer record every op of the search, ~1 s per layer
+        return layer.dequantized_weight.to(w.dtype).clone()
 
     @staticmethod
-    def symbolic(g, w, tag: int, bits: int):
+    def symbolic(g, w, tag: int, layer: _MarkedLayer):
         out = g.op(f"{MARK_DOMAIN}::WeightQ", w, tag_i=tag)
         out.setType(w.type())
         return out
@@ -73,10 +74,13 @@ class _ActQ(torch.autograd.Function):
 class _MarkedLayer(nn.Module):
     """Replaces one QuantConv2d / QuantLinear; same parameters, same forward, marked for ONNX."""
 
-    def __init__(self, layer: QuantConv2d | QuantLinear, w_tag: int | None, a_tag: int | None) -> None:
+    def __init__(self, layer: QuantConv2d | QuantLinear, w_tag: int | None, a_tag: int | None,
+                 weight_mark: WeightMark | None = None) -> None:
         super().__init__()
         self.layer = layer
         self.w_tag, self.a_tag = w_tag, a_tag
+        self.dequantized_weight = None if weight_mark is None else (
+            weight_mark.levels.float() * weight_mark.scales.reshape(-1, *([1] * (weight_mark.levels.dim() - 1))))
         # python numbers, fixed now: reading the range buffers while tracing would record ops on them
         self.act_range = (float(layer.act_min), float(layer.act_max)) if a_tag is not None else (0.0, 0.0)
 
@@ -84,9 +88,15 @@ class _MarkedLayer(nn.Module):
         m = self.layer
         if self.a_tag is not None:
             x = _ActQ.apply(x, self.a_tag, *self.act_range, m.a_bits)
-        w = m.weight if self.w_tag is None else _WeightQ.apply(m.weight, self.w_tag, m.w_bits)
+        w = m.weight if self.w_tag is None else _WeightQ.apply(m.weight, self.w_tag, self)
         if isinstance(m, QuantConv2d):
             return m._conv_forward(x, w, m.bias)
+        if x.dim() > 2:
+            # (..., in) -> (N, in) -> Gemm -> (..., out). Traced as is, a 3-D linear becomes
+            # Transpose(DQ(w)) -> MatMul, which onnxruntime 1.32 fuses with the input's Q/DQ into
+            # MatMulIntegerToFloat and gets wrong for INT4 weights (0.1 off on logits in a tiny transformer).
+            lead = x.shape[:-1]
+            return F.linear(x.reshape(-1, x.shape[-1]), w, m.bias).reshape(*lead, w.shape[0])
         return F.linear(x, w, m.bias)
 
 
@@ -130,5 +140,5 @@ def export_view(model: nn.Module) -> tuple[nn.Module, dict[int, WeightMark | Act
             scale, zero_point, _, _ = activation_qparams(float(m.act_min), float(m.act_max), m.a_bits)
             a_tag = len(marks)
             marks[a_tag] = ActMark(fqn, m.a_bits, scale, zero_point, m.w_bits)
-        _set_module(view, fqn, _MarkedLayer(m, w_tag, a_tag))
+        _set_module(view, fqn, _MarkedLayer(m, w_tag, a_tag, None if w_tag is None else marks[w_tag]))
     return view, marks

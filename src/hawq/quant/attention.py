@@ -117,6 +117,9 @@ class DecomposedMultiheadAttention(nn.Module):
         k = self.k_proj(key).view(b, ls, h, d).transpose(1, 2)  # (B, heads, S, d)
         v = self.v_proj(value).view(b, ls, h, d).transpose(1, 2)
         scores = (q * math.sqrt(1.0 / d)) @ k.transpose(-2, -1)  # (B, heads, L, S)
+        if is_causal and key_padding_mask is None and not need_weights:
+            # as F.multi_head_attention_forward: the hint replaces attn_mask by the standard causal mask
+            attn_mask = ~torch.ones(lq, ls, dtype=torch.bool, device=scores.device).tril()
         mask = self._additive_mask(attn_mask, key_padding_mask, b, lq, ls, scores.dtype)
         if mask is not None:
             scores = scores + mask
