@@ -213,3 +213,37 @@ def test_many_class_route_is_unbiased_over_twenty_seeds():
         se = float(vals.std() / math.sqrt(len(vals)))
         assert abs(float(vals.mean()) - le.trace) <= 3 * se + 1e-12, (le.fqn, float(vals.mean()), le.trace, se)
         assert se < 0.05 * le.trace
+
+
+class Encoder(nn.Module):  # nn.TransformerEncoderLayer (nn.MultiheadAttention, GELU, LayerNorm), then a head
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.enc = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0, activation="gelu",
+                                              batch_first=batch_first)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # (B, T, E)
+        h = self.enc(x if self.batch_first else x.transpose(0, 1))
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_decomposed_multihead_attention_traced_per_projection_and_matches_dense(batch_first, dense_traces):
+    import hawq
+
+    torch.manual_seed(0)
+    model = Encoder(batch_first).double().eval()
+    x, y = _data((3, 4), n=8)
+    before = estimate_traces(model, [(x, y)], progress=False, max_probes=4)
+    assert any("MultiheadAttention" in n for n in before.notes)  # projections in float: said so
+    hawq.decompose_attention_(model)
+    layers = quantizable_layers(model)
+    assert {"enc.self_attn.q_proj", "enc.self_attn.k_proj", "enc.self_attn.v_proj", "enc.self_attn.out_proj"} <= set(layers)
+    dense = _avg(dense_traces(model, x, y, layers))
+    r = estimate_traces(model, [(x, y)] * 40, chunk_size=4, max_images=None, rel_tol=0.01, seed=2,
+                        probes_per_batch=2, progress=False)
+    assert r.method == "gn_residual" and [lt.fqn for lt in r.layers] == layers
+    for lt in r.layers:
+        assert abs(lt.trace - dense[lt.fqn]) <= 3 * lt.stderr + 1e-9, (lt.fqn, lt.trace, dense[lt.fqn], lt.stderr)
+    assert r["head"].trace == pytest.approx(dense["head"], rel=0.1)  # proved layer: GN part only
