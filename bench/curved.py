@@ -200,7 +200,8 @@ def render(rows: list[dict], args) -> str:
         "same wall time. `worst s.e.` is over those layers (both seeds); `Spearman` compares the two seeds' "
         "traces; `same plan`: the two seeds' plans at the size of uniform 3-bit weights are identical.",
         "",
-        "| model | test acc. | layers | method | wall s (seeds 0, 1) | images | worst rel. s.e. | Spearman | same plan |",
+        "| model | test acc. | layers | method | wall s (seeds 0, 1) | images | worst rel. s.e. | Spearman "
+        "| same plan |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

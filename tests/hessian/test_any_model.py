@@ -239,7 +239,8 @@ def test_decomposed_multihead_attention_traced_per_projection_and_matches_dense(
     assert any("MultiheadAttention" in n for n in before.notes)  # projections in float: said so
     hawq.decompose_attention_(model)
     layers = quantizable_layers(model)
-    assert {"enc.self_attn.q_proj", "enc.self_attn.k_proj", "enc.self_attn.v_proj", "enc.self_attn.out_proj"} <= set(layers)
+    projections = {f"enc.self_attn.{p}_proj" for p in ("q", "k", "v", "out")}
+    assert projections <= set(layers)
     dense = _avg(dense_traces(model, x, y, layers))
     r = estimate_traces(model, [(x, y)] * 40, chunk_size=4, max_images=None, rel_tol=0.01, seed=2,
                         probes_per_batch=2, progress=False)
