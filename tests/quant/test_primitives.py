@@ -43,7 +43,7 @@ def test_mse_range_is_per_channel_best_on_the_grid_and_deterministic(bits):
     err = lambda b, m: (fake_quant_weight(w, b, m) - w).pow(2).sum(1)  # noqa: E731
     assert bool((err(bits, "mse") <= err(bits, "max")).all())
     qmax = weight_qmax(bits)
-    for ratio in CLIP_RATIOS[::7]:  # no ratio of the grid does better on any channel
+    for ratio in CLIP_RATIOS[::5]:  # no coarse ratio (every fifth percent) does better on any channel
         s = w.abs().amax(1, keepdim=True) * ratio / qmax
         e = (torch.clamp(torch.round(w / s), -qmax, qmax) * s - w).pow(2).sum(1)
         assert bool((err(bits, "mse") <= e).all())
