@@ -59,7 +59,17 @@ def cache_dir() -> Path:
 def cache_key(cfg: RunConfig, tcfg: TrainConfig, n_train: int) -> str:
     ident = {"model": cfg.model, "dataset": cfg.dataset, "n_train": n_train, "train": tcfg.to_dict(), "algo": 2,
              "image_size": cfg.image_size, "num_classes": cfg.num_classes}
+    path, sep, _ = cfg.model.rpartition(":")
+    if sep and path.endswith(".py") and Path(path).is_file():  # a user's model file: its content too
+        ident["model_file_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cache_stem(model: str) -> str:
+    """A file-name-safe stem for a model name ("path/to/net.py:build" -> "net.py-build")."""
+    path, sep, fn = model.rpartition(":")
+    name = f"{Path(path).name}-{fn}" if sep and path.endswith(".py") else model
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
 
 
 def load_state_into(model: nn.Module, path: str | Path) -> None:
@@ -89,8 +99,9 @@ def full_precision_model(
         return model.to(cfg.device).eval(), {"source": f"checkpoint {cfg.checkpoint}"}
     tcfg = fp_train_config(cfg, len(data.train))
     key = cache_key(cfg, tcfg, len(data.train))
+    cached = cache_dir() / "fp32" / f"{_cache_stem(cfg.model)}-{cfg.dataset}-{key}.pt"
     return cached_or_trained(
-        model, lambda: build(cfg), cache_dir() / "fp32" / f"{cfg.model}-{cfg.dataset}-{key}.pt", cfg.device,
+        model, lambda: build(cfg), cached, cfg.device,
         lambda m: train_data_parallel(m, data.train, tcfg, progress=progress, desc="train fp32"),
         {"cache_key": key, "train": tcfg.to_dict()}, tcfg.to_dict())
 
