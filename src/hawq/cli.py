@@ -33,7 +33,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recipe", default=None,
                    help="a recipe JSON (configs/*.json): its settings are the defaults, the command line wins")
     g.add_argument("--task", choices=TASKS, default=d.task)
-    g.add_argument("--model", default=None, help="registered model name (default: resnet20; detection: retinanet_tiny)")
+    g.add_argument("--model", default=None,
+                   help="registered model name (default: resnet20; detection: retinanet_tiny), torchvision:NAME "
+                        "(any torchvision classification model) or path/to/file.py:function (your own builder)")
     g.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)}")
     g.add_argument("--data-dir", default=None, help="folder with the data files (default: Debian package folder)")
     g.add_argument("--download", action="store_true", help="download the data set if it is not found")

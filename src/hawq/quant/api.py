@@ -181,7 +181,13 @@ def first_last_layers(model: nn.Module, example_input: Tensor) -> tuple[str, str
         x = example_input.detach().clone()
         x.requires_grad_(x.is_floating_point())
         with torch.enable_grad():
-            outputs = [t for t in _tensors(model(x)) if t.requires_grad]
+            try:
+                y = model(x)
+            except (RuntimeError, AssertionError, TypeError, IndexError) as e:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"the model fails on an input of shape {tuple(x.shape)} ({reason}): check the "
+                                 "model's expected input (--image-size, in_channels)") from e
+            outputs = [t for t in _tensors(y) if t.requires_grad]
             tracked = [(f, o) for f, _, o in calls if o is not None and o.requires_grad]
             grads = torch.autograd.grad(sum(o.float().sum() for o in outputs), [o for _, o in tracked],
                                         allow_unused=True) if outputs and tracked else []
