@@ -1,8 +1,27 @@
-"""`hawq run --task detection` end to end on a few generated canvases (mechanics, not accuracy)."""
+"""`hawq run --task detection` end to end on a few generated canvases: artifacts, and scores that mean what
+they say (the scorer gives 100 to an oracle and 0 to a blind detector on the run's own validation set; the
+recorded mAPs are those of the saved checkpoints; the plan meets its budget)."""
 
 import json
 
+import pytest
+import torch
+from torch import nn
+
 from hawq.cli import main
+
+
+class _Oracle(nn.Module):
+    """Returns given detections batch after batch, as a detector in eval mode would."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs, self.i = outputs, 0
+
+    def forward(self, images):
+        out = self.outputs[self.i : self.i + len(images)]
+        self.i += len(images)
+        return out
 
 
 def test_detection_run_writes_artifacts_with_map(fake_fmnist, tmp_path):
@@ -19,4 +38,22 @@ def test_detection_run_writes_artifacts_with_map(fake_fmnist, tmp_path):
     plan = json.loads((out / "plan.json").read_text())
     for fixed in ("backbone.convs.0", "head.classification_head.cls_logits", "head.regression_head.bbox_reg"):
         assert plan["layers"][fixed]["w_bits"] == 8
+    assert plan["size_bytes"] <= plan["budget_bytes"]
     assert "mAP@0.5" in (out / "report.md").read_text()
+
+    # the scorer the run used, on the run's own validation canvases: 100 for the truth, 0 for nothing
+    from hawq import pipeline
+    from hawq.data.detection_synth import detection_loader
+
+    ctx, data = pipeline.open_run(out, progress=False)
+    truth = [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"]))}
+             for _, ts in detection_loader(data.val, 32) for t in ts]
+    assert ctx.task.evaluate(_Oracle(truth), data, progress=False)["map50"] == pytest.approx(100.0)
+    blind = [{k: v[:0] for k, v in t.items()} for t in truth]
+    assert ctx.task.evaluate(_Oracle(blind), data, progress=False)["map50"] == 0.0
+
+    # the recorded scores are those of the saved checkpoints (fp32.pt, qat/*.pt), evaluated again
+    recorded = {k: res["models"][k]["map50"] for k in ("fp32", "hawq", "uniform4")}
+    assert main(["evaluate", "--quiet", "--out", str(out)]) == 0
+    again = json.loads((out / "results.json").read_text())["models"]
+    assert {k: again[k]["map50"] for k in recorded} == pytest.approx(recorded, abs=1e-6)
