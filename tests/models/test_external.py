@@ -140,3 +140,22 @@ def test_cli_runs_a_user_transformer_end_to_end(fake_fmnist, tmp_path):
     assert main(["export", "--quiet", "--out", str(out)]) == 0
     export = json.loads((out / "results.json").read_text())["export"]
     assert export["verify"]["top1_agreement"] == 1.0
+
+
+def test_cli_trains_a_torchvision_model_on_a_generated_imagefolder(tmp_path):
+    """`--model torchvision:NAME` on the ImageFolder task, on bench/make_imagefolder.py's tree."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "make_imagefolder", Path(__file__).resolve().parents[2] / "bench" / "make_imagefolder.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tree = mod.make_imagefolder(tmp_path / "tree", n_classes=3, per_class=2, size=8)
+    assert sorted(p.name for p in (tree / "val").iterdir()) == ["n00000000", "n00000001", "n00000002"]
+    assert len(list((tree / "train" / "n00000002").iterdir())) == 2
+    out = tmp_path / "run"
+    assert main(["train", "--quick", "--quiet", "--dataset", "imagenet", "--model", "torchvision:squeezenet1_1",
+                 "--data-dir", str(tree), "--image-size", "32", "--epochs", "1", "--out", str(out)]) == 0
+    state = torch.load(out / "fp32.pt", weights_only=True)["state_dict"]
+    assert state["classifier.1.weight"].shape[0] == 3

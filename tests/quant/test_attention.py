@@ -168,7 +168,7 @@ def test_swin_window_attention_calls_its_linear_layers():
         seen = set()
         for n, m in model.named_modules():
             if n in quantizable_layers(model):
-                m.register_forward_hook(lambda mod, a, o, n=n: seen.add(n))
+                m.register_forward_hook(lambda mod, a, o, n=n, seen=seen: seen.add(n))
         model(x)
         assert set(quantizable_layers(model)) == seen  # every listed layer runs as a module
     assert torchvision  # imported for the skip
@@ -192,3 +192,29 @@ def test_vision_transformer_quantizes_and_exports(tmp_path):
     report = hawq.export_onnx(vit, tmp_path / "vit.onnx", x)
     assert len(report.layers) == len(names) == 14
     assert report.example_max_abs_diff < 1e-3 and report.example_top1_agreement == 1.0
+
+
+@pytest.mark.slow
+def test_swin_and_maxvit_quantize_and_export(tmp_path):
+    """Swin (after decomposition) and MaxViT (its own attention, Linear layers called as modules)."""
+    pytest.importorskip("onnxruntime")
+    from torchvision.models.maxvit import MaxVit
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    models = {
+        "swin": (SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2], num_heads=[2], window_size=[2, 2],
+                                 num_classes=3), 16),
+        "maxvit": (MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16],
+                          block_layers=[1], head_dim=8, stochastic_depth_prob=0.0, num_classes=3), 32),
+    }
+    for name, (model, size) in models.items():
+        model.eval()
+        x = torch.randn(4, 3, size, size)
+        decompose_attention_(model)
+        names = quantizable_layers(model)
+        hawq.quantize_(model, {n: {"w_bits": 4, "a_bits": 8} for n in names})
+        hawq.calibrate_(model, [(x,)])
+        report = hawq.export_onnx(model, tmp_path / f"{name}.onnx", x)
+        assert len(report.layers) == len(names), name
+        assert report.example_max_abs_diff < 1e-4 and report.example_top1_agreement == 1.0, name
