@@ -88,6 +88,10 @@ class ModelInfo:
 class _Taint(TorchDispatchMode):
     """Propagates per-layer dependency masks through every ATen op and records what makes a layer curved."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:  # no torch.compile inside: skip the wrapper that imports dynamo (~4 s)
+        return False
+
     def __init__(self, weights: Sequence[Tensor]) -> None:
         super().__init__()
         self.masks: dict[int, int] = {id(w): 1 << i for i, w in enumerate(weights)}
