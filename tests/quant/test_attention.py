@@ -218,3 +218,15 @@ def test_swin_and_maxvit_quantize_and_export(tmp_path):
         report = hawq.export_onnx(model, tmp_path / f"{name}.onnx", x)
         assert len(report.layers) == len(names), name
         assert report.example_max_abs_diff < 1e-4 and report.example_top1_agreement == 1.0, name
+
+
+@pytest.mark.parametrize("kv_dims", [(None, None), (6, 10)])
+def test_state_dict_of_the_undecomposed_model_loads(kv_dims):
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.MultiheadAttention(E, HEADS, kdim=kv_dims[0], vdim=kv_dims[1], batch_first=True))
+    torch.manual_seed(1)
+    dst = nn.Sequential(nn.MultiheadAttention(E, HEADS, kdim=kv_dims[0], vdim=kv_dims[1], batch_first=True))
+    decompose_attention_(dst)
+    dst.load_state_dict(src.state_dict())  # strict: every key of the packed layout is consumed
+    q, k, v = _inputs(True, *kv_dims)
+    torch.testing.assert_close(dst[0](q, k, v)[0], src[0](q, k, v)[0], atol=1e-6, rtol=1e-5)

@@ -27,6 +27,20 @@ _SWIN_MODULE = "torchvision.models.swin_transformer"
 _SWIN_CLASSES = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
 
 
+def _split_packed_keys(state_dict: dict, prefix: str, *args) -> None:
+    """Let a state dict of the undecomposed nn.MultiheadAttention load: in_proj_weight / in_proj_bias
+    (or q/k/v_proj_weight) become q_proj, k_proj, v_proj entries."""
+    for kind in ("weight", "bias"):
+        packed = state_dict.pop(f"{prefix}in_proj_{kind}", None)
+        if packed is not None:
+            for p, part in zip("qkv", packed.chunk(3)):
+                state_dict[f"{prefix}{p}_proj.{kind}"] = part
+    for p in "qkv":
+        w = state_dict.pop(f"{prefix}{p}_proj_weight", None)
+        if w is not None:
+            state_dict[f"{prefix}{p}_proj.weight"] = w
+
+
 class DecomposedMultiheadAttention(nn.Module):
     """nn.MultiheadAttention with separate q/k/v/out projections called as nn.Linear modules.
 
@@ -54,6 +68,7 @@ class DecomposedMultiheadAttention(nn.Module):
         self._qkv_same_embed_dim = False
         self.in_proj_weight = self.in_proj_bias = self.bias_k = self.bias_v = None
         self.add_zero_attn = False
+        self._register_load_state_dict_pre_hook(_split_packed_keys)
 
     @classmethod
     def from_float(cls, mha: nn.MultiheadAttention) -> DecomposedMultiheadAttention:
