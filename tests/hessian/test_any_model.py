@@ -186,8 +186,11 @@ def test_images_that_interact_are_refused():
         def forward(self, x):
             return self.fc(x - x.mean(0, keepdim=True))
 
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
     with pytest.raises(ValueError, match="images interact"):
-        estimate_traces(Mix(), [(torch.randn(8, 4), torch.randint(0, 3, (8,)))], progress=False)
+        estimate_traces(Mix(), data, method="hybrid", progress=False)
+    r = estimate_traces(Mix(), data, progress=False, max_probes=4)  # auto: the batch loss's own Hessian
+    assert r.method == "hutchinson" and "images interact" in r.reason
 
 
 class ManyClasses(nn.Module):

@@ -80,6 +80,7 @@ class ModelInfo:
     width: int = 0  # last dim of the output (the classes)
     out_dim: int = 0  # dims of the output
     batch_dims: list[int] = field(default_factory=list)  # dim of each layer's input indexing the images
+    unsplit: dict[int, str] = field(default_factory=dict)  # layers whose input has no per-image part: why
 
     def curved_layers(self) -> list[int]:
         return sorted(self.curved)
@@ -216,12 +217,13 @@ def inspect_model(model: nn.Module, modules: Sequence[nn.Module], x: Tensor, nam
         for k, m in enumerate(modules):
             for a, ab in zip(one[k], both[k]):
                 d = _batch_dim(a, ab, isinstance(m, nn.Conv2d))
+                if d is None and a.shape == ab.shape:
+                    info.unsplit[k] = "reads the same input for every image (it does not depend on the batch)"
+                elif d is None:
+                    info.unsplit[k] = ("sees the images mixed: its input for two images is not its inputs for "
+                                       "each image side by side (images interact, or the batch is folded in)")
                 if d is None:
-                    raise ValueError(
-                        f"layer {names[k]!r}: its input for two images is not its inputs for each image side "
-                        "by side (images interact, or the batch is folded into another dim): per-image traces "
-                        "are impossible; pass `layers` without it or method='hutchinson'"
-                    )
+                    continue
                 info.batch_dims[k] = d
     return info
 

@@ -105,12 +105,16 @@ def choose(
     ce = opts.loss == "cross_entropy"
     logits = info.out_dim == 2
     foreign = [names[i] for i, (u, c) in enumerate(zip(info.used, info.calls)) if u and c == 0]
+    unsplit = [f"{names[i]} {why}" for i, why in sorted(info.unsplit.items())]
     curved = tuple(info.curved_layers())
     shape = describe(info, names) if curved else ""
     pl = "every layer proved piecewise linear in its weights (Gauss-Newton = Hessian)"
     method = opts.method
     if method == "auto":
-        if foreign and ce and logits:
+        if unsplit and ce and logits:
+            method = "hutchinson"
+            reason = f"layer {unsplit[0]}: per-image traces impossible; Hessian-vector products"
+        elif foreign and ce and logits:
             method = "hutchinson"
             reason = (f"the weights of {', '.join(foreign[:3])} are used without calling the layer: per-sample "
                       "gradients cannot see them; Hessian-vector products")
@@ -126,6 +130,9 @@ def choose(
     else:
         reason = "asked for" + (f"; {pl}" if not curved else f"; curved: {shape}")
     m = BY_NAME[method]
+    if m.gauss_newton and unsplit:
+        raise ValueError(f"layer {unsplit[0]}: per-image traces are impossible; leave it out of `layers` or use "
+                         "method='hutchinson'")
     if m.gauss_newton and foreign:
         raise ValueError(f"layers {', '.join(foreign[:3])}: their weights are used without calling the layer, so "
                          "per-sample gradients cannot see them: use method='hutchinson' or leave them out of `layers`")
