@@ -20,7 +20,7 @@ includes data sampling; they differ in what they compute per chunk of images (ru
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,23 +29,27 @@ from torch import Tensor, nn
 from hawq.hessian.curvature import ModelInfo, describe
 from hawq.hessian.hutchinson import LossFn, NoDoubleBackwardError, find_no_double_backward
 from hawq.hessian.residual import residual_unreachable
+from hawq.hessian.steps import gauss_newton, gn_residual, hutchinson
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
+    step: Callable[..., None]  # one chunk: steps/<file>.step(run, model, modules, method, x, y, loss_fn, n_probes)
     gauss_newton: bool  # per-sample GN values (needs cross-entropy on logits (B, C))
     residual: bool = False  # probes H - G on the curved layers
     summary: str = ""
 
 
 _TABLE = (
-    Method("exact", True, summary="Gauss-Newton, every class summed"),
-    Method("hybrid", True, summary="Gauss-Newton, exact on uncertain images, importance-sampled classes elsewhere"),
-    Method("gn_residual", True, True, summary="Gauss-Newton plus a probed residual H - G on curved layers"),
-    Method("mc_fisher", True, summary="Gauss-Newton, one sampled label per image"),
-    Method("mc_fisher_is", True, summary="Gauss-Newton, one importance-sampled label per image"),
-    Method("hutchinson", False, summary="Hutchinson probes of Hessian-vector products"),
+    Method("exact", gauss_newton.step, True, summary="Gauss-Newton, every class summed"),
+    Method("hybrid", gauss_newton.step, True,
+           summary="Gauss-Newton, exact on uncertain images, importance-sampled classes elsewhere"),
+    Method("gn_residual", gn_residual.step, True, True,
+           summary="Gauss-Newton plus a probed residual H - G on curved layers"),
+    Method("mc_fisher", gauss_newton.step, True, summary="Gauss-Newton, one sampled label per image"),
+    Method("mc_fisher_is", gauss_newton.step, True, summary="Gauss-Newton, one importance-sampled label per image"),
+    Method("hutchinson", hutchinson.step, False, summary="Hutchinson probes of Hessian-vector products"),
 )
 BY_NAME = {m.name: m for m in _TABLE}
 METHODS = ("auto", *BY_NAME)

@@ -8,10 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hawq.hessian.activations import act_hutchinson, act_persample
-from hawq.hessian.hutchinson import hvp_probes
-from hawq.hessian.persample import ChunkPlan, persample_traces
-from hawq.hessian.residual import residual_probes
+from hawq.hessian.persample import ChunkPlan
 from hawq.hessian.result import LayerTrace, ResidualStats, RunningStats, TraceResult, convergence
 from hawq.io import load_torch, save_torch
 
@@ -37,39 +34,13 @@ class EstimationRun:
         )
 
     def step(self, model, modules, method, x, y, loss_fn, n_probes) -> None:
-        if self.activations:
-            if method == "hutchinson":
-                values, k = act_hutchinson(model, modules, x, y, loss_fn, n_probes, self.gen)
-                self.n_probes += n_probes
-            else:
-                values, k = act_persample(model, modules, x, method, self.gen)
-            self.stats.add(values)  # one sample per image either way (block-diagonal Hessian)
-            self.n_backward += k
-        elif method == "gn_residual":
-            values, _, k = persample_traces(model, modules, x, "hybrid", self.gen, False, self.plan)
-            self.stats.add(values)
-            r = torch.zeros(len(self.names), dtype=torch.float64)
-            if self.curved:
-                params = [modules[i].weight for i in self.curved]
-                est = residual_probes(model, params, x, y, loss_fn, n_probes, self.gen)
-                r[list(self.curved)] = est.mean(0)
-                self.n_probes += n_probes
-                k += (1 + n_probes) * x.shape[0]  # one HVP of the chunk ~ one backward per image
-            self.residual.add(r, values.mean(0))
-            self.n_backward += k
-        elif method == "hutchinson":
-            est = hvp_probes(model, [m.weight for m in modules], x, y, loss_fn, n_probes, self.gen)
-            self.stats.add(est.mean(0, keepdim=True))  # probes of one chunk share its data: one sample
-            self.n_backward += 1 + n_probes
-            self.n_probes += n_probes
-        else:
-            values, diags, k = persample_traces(model, modules, x, method, self.gen, self.diag_sums is not None,
-                                                self.plan)
-            self.stats.add(values)
-            self.n_backward += k
-            if diags is not None:
-                for acc, d in zip(self.diag_sums, diags):
-                    acc += d.cpu()
+        """One chunk by `method`'s step (hessian/steps/), then the counters and the history."""
+        from hawq.hessian.methods import BY_NAME
+        from hawq.hessian.steps import activations
+
+        (activations.step if self.activations else BY_NAME[method].step)(
+            self, model, modules, method, x, y, loss_fn, n_probes
+        )
         self.images += x.shape[0]
         mean, se = self.mean(), self.stderr()
         if self.stats.count >= 2:

@@ -1,0 +1,22 @@
+"""gn_residual: hybrid's exact Gauss-Newton values per image plus residual probes of the chunk (residual.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from hawq.hessian.persample import persample_traces
+from hawq.hessian.residual import residual_probes
+
+
+def step(run, model, modules, method, x, y, loss_fn, n_probes) -> None:
+    values, _, k = persample_traces(model, modules, x, "hybrid", run.gen, False, run.plan)
+    run.stats.add(values)
+    r = torch.zeros(len(run.names), dtype=torch.float64)
+    if run.curved:  # proved layers have R_ll = 0: no probes there
+        params = [modules[i].weight for i in run.curved]
+        est = residual_probes(model, params, x, y, loss_fn, n_probes, run.gen)
+        r[list(run.curved)] = est.mean(0)
+        run.n_probes += n_probes
+        k += (1 + n_probes) * x.shape[0]  # one HVP of the chunk ~ one backward per image
+    run.residual.add(r, values.mean(0))
+    run.n_backward += k
