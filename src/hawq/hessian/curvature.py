@@ -48,6 +48,7 @@ _PL_OPS = {
     "_upsample_nearest_exact2d", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
     "native_channel_shuffle", "im2col", "col2im", "unfold", "diagonal", "tril", "triu", "sort", "topk",
     "dropout", "feature_dropout", "native_batch_norm", "_native_batch_norm_legit_no_training",
+    "cudnn_batch_norm", "miopen_batch_norm",
     "new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like",
     "empty", "zeros", "ones", "full", "arange", "scalar_tensor", "_local_scalar_dense", "hardsigmoid",
 }
@@ -63,6 +64,7 @@ _CONSTANT_OUT = {"eq", "ne", "lt", "le", "gt", "ge", "argmax", "argmin", "sign",
                  "logical_not", "logical_and", "logical_or", "bitwise_and", "bitwise_or", "floor", "ceil",
                  "round", "trunc", "floor_divide"}
 _TRAINING_BN = {"_native_batch_norm_legit", "_native_batch_norm_legit_functional"}
+_BN_WITH_FLAG = {"native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm"}  # args[5]: training
 _PRETTY = {"gelu": "GELU", "silu": "SiLU", "silu_": "SiLU", "hardswish": "Hardswish", "hardswish_": "Hardswish",
            "sigmoid": "Sigmoid", "tanh": "Tanh", "native_layer_norm": "LayerNorm", "_softmax": "softmax",
            "native_group_norm": "GroupNorm", "logsumexp": "logsumexp", "linalg_vector_norm": "vector norm",
@@ -119,7 +121,7 @@ class _Taint(TorchDispatchMode):
         union = 0
         for b in ins:
             union |= b
-        if name in _TRAINING_BN or (name == "native_batch_norm" and len(args) > 5 and args[5]):
+        if name in _TRAINING_BN or (name in _BN_WITH_FLAG and len(args) > 5 and args[5]):
             self.batch_stats = True
         if union:
             if name in _MULTILINEAR:
@@ -127,9 +129,8 @@ class _Taint(TorchDispatchMode):
                 for i, a in enumerate(ins):
                     for b in ins[i + 1 :]:
                         shared |= a & b
-                if shared:
-                    what = "a layer applied twice" if name in ("convolution", "addmm", "mm") else "a product"
-                    self._curve(shared, f"{what} ({name})")
+                if shared:  # (a layer applied twice shows here too; `calls` names it)
+                    self._curve(shared, f"a product of two weight-dependent tensors ({name})")
             elif name in _LINEAR_IN_FIRST:
                 rest = 0
                 for b in ins[1:]:
