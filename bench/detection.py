@@ -39,7 +39,6 @@ from hawq.alloc import (
 from hawq.data.detection_synth import detection_loader, load_detection_split, make_detection_set
 from hawq.hessian import estimate_activation_traces, estimate_traces
 from hawq.io import load_torch, save_torch
-from hawq.train import PostTrainConfig, post_train_
 from hawq.tasks.detection import (
     TRAIN_DEFAULTS,
     create_detector,
@@ -49,6 +48,7 @@ from hawq.tasks.detection import (
     hessian_batches,
     train_detector,
 )
+from hawq.train import PostTrainConfig, post_train_
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

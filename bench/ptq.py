@@ -100,6 +100,19 @@ def main(a: argparse.Namespace) -> None:
         plans[f"HAWQ-V2, uniform-{b:g}-bit budget"] = {
             wr: best_plan(t, uniform_size_bytes(t, b)) for wr, t in tables.items()}
     rows, ptq_s = [], []
+    run = {"argv": ["bench/ptq.py", *sys.argv[1:]], "fp32_top1": fp32_top1, "source": record["source"],
+           "test_images": len(test), "trace_images": a.trace_images, "rows": rows, "act_rows": [], "mlp": None,
+           "ptq_s": ptq_s, "threads": a.threads,
+           "machine": f"{platform.platform()}, {os.cpu_count()} logical cores, torch {torch.__version__}"}
+    out = Path(a.out)
+
+    def save() -> None:  # after every section, so that a stopped run still leaves its tables
+        run.update(wall_s=time.perf_counter() - t_start, load=[load0, os.getloadavg()[0]],
+                   finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(run, indent=1))
+        out.write_text(render(run, out.with_suffix(".json").name))
+
     for name, by_range in plans.items():
         row = {"plan": name, "size_kib": {wr: p.size_bytes / 1024 for wr, p in by_range.items()},
                "w_bits": {wr: p.w_bits for wr, p in by_range.items()}}
@@ -108,30 +121,22 @@ def main(a: argparse.Namespace) -> None:
             ptq_s.append(s)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "w_bits"}), file=sys.stderr, flush=True)
-    act_rows = []
-    for name in ("uniform 4-bit", "HAWQ-V2, uniform-3-bit budget", "uniform 3-bit"):
+    save()
+    for name in a.act_plans:
         t = tables["mse"]
-        p = plans[name]["mse"]
-        pa = make_plan(t, p.w_bits, {r.fqn: r.bits[0] if r.fixed else 4 for r in t.layers})
-        pm = make_plan(tables["max"], plans[name]["max"].w_bits,
-                       {r.fqn: r.bits[0] if r.fixed else 4 for r in t.layers})
-        row = {"plan": name + ", 4-bit activations", "max-scaled, min/max": score(fp32, pm, data, test,
-                                                                                  PostTrainConfig.off())[0]}
+        a_bits = {r.fqn: r.bits[0] if r.fixed else 4 for r in t.layers}
+        pa = make_plan(t, plans[name]["mse"].w_bits, a_bits)
+        pm = make_plan(tables["max"], plans[name]["max"].w_bits, a_bits)
+        row = {"plan": name + ", 4-bit activations",
+               "max-scaled, min/max": score(fp32, pm, data, test, PostTrainConfig.off())[0]}
         for ar in ("minmax", "percentile", "mse"):
             row[f"both, {ar}"] = score(fp32, pa, data, test, PostTrainConfig(act_range=ar))[0]
-        act_rows.append(row)
+        run["act_rows"].append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    mlp = mlp_section(data, test)
-    run = {"argv": ["bench/ptq.py", *sys.argv[1:]], "fp32_top1": fp32_top1, "source": record["source"],
-           "test_images": len(test), "trace_images": a.trace_images, "rows": rows, "act_rows": act_rows,
-           "mlp": mlp, "ptq_s": ptq_s, "wall_s": time.perf_counter() - t_start,
-           "load": [load0, os.getloadavg()[0]], "threads": a.threads,
-           "machine": f"{platform.platform()}, {os.cpu_count()} logical cores, torch {torch.__version__}",
-           "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(run, indent=1))
-    out.write_text(render(run, out.with_suffix(".json").name))
+        save()
+    if not a.no_mlp:
+        run["mlp"] = mlp_section(data, test)
+        save()
     print(render(run, out.with_suffix(".json").name))
 
 
@@ -159,7 +164,8 @@ def render(run: dict, raw: str) -> str:
          "| plan | size KiB | max-scaled | clipped | BN re-estimation | both |", "|---|---|---|---|---|---|"]
     for r in run["rows"]:
         L.append(f"| {r['plan']} | {_size(r)} | " + " | ".join(f"{r[v]:.2f}" for v in VARIANTS) + " |")
-    L += ["", "## 4-bit activations (weights as above, both weight steps)", "",
+    if run["act_rows"]:
+        L += ["", "## 4-bit activations (weights as above, both weight steps)", "",
           "Activation ranges over 2,048 training images: min/max; the 0.01%/99.99% percentiles; or the clip "
           "ratio of [min, max] that minimises the mean squared error of Q(x).", "",
           "| plan | max-scaled, min/max (before) | both, min/max | both, percentile | both, mse |",
@@ -167,14 +173,15 @@ def render(run: dict, raw: str) -> str:
     for r in run["act_rows"]:
         L.append(f"| {r['plan']} | " + " | ".join(f"{r[k]:.2f}" for k in list(r)[1:]) + " |")
     m = run["mlp"]
-    L += ["", "## A model without batch norm: bias correction", "",
+    if m:
+        L += ["", "## A model without batch norm: bias correction", "",
           f"784-256-256-10 ReLU MLP trained one epoch ({m['fp32']:.2f}% in float), every layer at b bits. Bias "
           "correction subtracts E_x[(Q(W)−W)x] per output channel from each layer's bias (x: the layer's input "
           "in the quantized model, 1,024 training images).", "",
           "| bits | " + " | ".join(k for k in m["rows"][0] if k != "bits") + " |",
           "|---|" + "---|" * (len(m["rows"][0]) - 1)]
-    for r in m["rows"]:
-        L.append(f"| {r['bits']} | " + " | ".join(f"{v:.2f}" for k, v in r.items() if k != "bits") + " |")
+        for r in m["rows"]:
+            L.append(f"| {r['bits']} | " + " | ".join(f"{v:.2f}" for k, v in r.items() if k != "bits") + " |")
     s = sorted(run["ptq_s"])
     L += ["", "## Cost", "",
           f"- Post-training steps per model: median {s[len(s) // 2]:.1f} s (max {s[-1]:.1f} s), including the "
@@ -192,6 +199,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--checkpoint", help="fp32 checkpoint (default: the hawq model cache)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "ptq.md"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--act-plans", nargs="*", default=["uniform 4-bit", "HAWQ-V2, uniform-3-bit budget"],
+                    help="plans of the 4-bit activation table (names as in the first table)")
+    ap.add_argument("--no-mlp", action="store_true", help="skip the model without batch norm")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
     if a.quick:
