@@ -33,7 +33,7 @@ from hawq.alloc import best_plan, make_plan, plan_for_bits, sensitivity_table
 from hawq.config import RunConfig
 from hawq.data.fashion_mnist import batches
 from hawq.hessian import estimate_traces
-from hawq.quant import quantize_
+from hawq.quant import quantizable_layers, quantize_
 from hawq.train import PostTrainConfig, TrainConfig, evaluate, post_train_, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +43,10 @@ VARIANTS = {
     "BN re-estimation": PostTrainConfig(weight_range="max"),
     "both": PostTrainConfig(),
 }
+
+
+# the issue's four rows first, then the rest of the design
+PLANS = ("uniform:3", "uniform:2", "hawq:3", "hawq:2.5", "uniform:4", "hawq:4", "hawq:2.25")
 
 
 def uniform_size_bytes(table, bits: float) -> float:
@@ -87,21 +91,35 @@ def main(a: argparse.Namespace) -> None:
     test = data.test.subset(a.test_images) if a.test_images else data.test
     fp32, record = task.full_precision_model(cfg, data, progress=not a.quiet)
     fp32_top1 = evaluate(fp32, test)
-    stream = batches(data.train, 128, shuffle=True, seed=1000)
-    traces = estimate_traces(fp32, stream, method="exact", rel_tol=1e-9, max_images=a.trace_images, seed=0,
-                             progress=not a.quiet).means()
     x1 = data.train.images[:1]
-    tables = {wr: sensitivity_table(fp32, traces, example_input=x1, weight_range=wr, progress=False)
+    zero = {f: 0.0 for f in quantizable_layers(fp32)}  # sizes and bits of uniform plans need no traces
+    sizing = {wr: sensitivity_table(fp32, zero, example_input=x1, weight_range=wr, progress=False)
               for wr in ("max", "mse")}
-    plans = {}  # name -> {weight range -> Plan}
-    for b in (4, 3, 2):
-        plans[f"uniform {b}-bit"] = {wr: make_plan(t, plan_for_bits(t, b).w_bits) for wr, t in tables.items()}
-    for b in (4.0, 3.0, 2.5, 2.25):
-        plans[f"HAWQ-V2, uniform-{b:g}-bit budget"] = {
-            wr: best_plan(t, uniform_size_bytes(t, b)) for wr, t in tables.items()}
+    tables: dict = {}
+
+    def hawq_tables() -> dict:  # traces only when a HAWQ-V2 row needs them (uniform rows come first)
+        if not tables:
+            stream = batches(data.train, 128, shuffle=True, seed=1000)
+            traces = estimate_traces(fp32, stream, method="exact", rel_tol=1e-9, max_images=a.trace_images,
+                                     seed=0, progress=not a.quiet).means()
+            tables.update({wr: sensitivity_table(fp32, traces, example_input=x1, weight_range=wr, progress=False)
+                           for wr in ("max", "mse")})
+        return tables
+
+    def plan_of(name: str) -> dict:
+        kind, _, b = name.partition(":")
+        if kind == "uniform":
+            return {wr: make_plan(t, plan_for_bits(t, int(b)).w_bits) for wr, t in sizing.items()}
+        return {wr: best_plan(t, uniform_size_bytes(t, float(b))) for wr, t in hawq_tables().items()}
+
+    def title(name: str) -> str:
+        kind, _, b = name.partition(":")
+        return f"uniform {b}-bit" if kind == "uniform" else f"HAWQ-V2, uniform-{b}-bit budget"
+
+    plans = {}
     rows, ptq_s = [], []
     run = {"argv": ["bench/ptq.py", *sys.argv[1:]], "fp32_top1": fp32_top1, "source": record["source"],
-           "test_images": len(test), "trace_images": a.trace_images, "rows": rows, "act_rows": [], "mlp": None,
+           "test_images": len(test), "trace_images": a.trace_images, "bn_images": a.bn_images, "rows": rows, "act_rows": [], "mlp": None,
            "ptq_s": ptq_s, "threads": a.threads,
            "machine": f"{platform.platform()}, {os.cpu_count()} logical cores, torch {torch.__version__}"}
     out = Path(a.out)
@@ -113,21 +131,25 @@ def main(a: argparse.Namespace) -> None:
         out.with_suffix(".json").write_text(json.dumps(run, indent=1))
         out.write_text(render(run, out.with_suffix(".json").name))
 
-    for name, by_range in plans.items():
-        row = {"plan": name, "size_kib": {wr: p.size_bytes / 1024 for wr, p in by_range.items()},
+    for key in a.plans:  # in the order given: a stopped run keeps the first rows
+        by_range = plans[key] = plan_of(key)
+        row = {"plan": title(key), "size_kib": {wr: p.size_bytes / 1024 for wr, p in by_range.items()},
                "w_bits": {wr: p.w_bits for wr, p in by_range.items()}}
         for vname, vcfg in VARIANTS.items():
+            vcfg = PostTrainConfig(**{**vcfg.to_dict(), "bn_images": min(vcfg.bn_images, a.bn_images)})
             row[vname], s = score(fp32, by_range[vcfg.weight_range], data, test, vcfg)
             ptq_s.append(s)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "w_bits"}), file=sys.stderr, flush=True)
+        save()
     save()
-    for name in a.act_plans:
-        t = tables["mse"]
+    for key in a.act_plans:
+        t = sizing["mse"]
         a_bits = {r.fqn: r.bits[0] if r.fixed else 4 for r in t.layers}
-        pa = make_plan(t, plans[name]["mse"].w_bits, a_bits)
-        pm = make_plan(tables["max"], plans[name]["max"].w_bits, a_bits)
-        row = {"plan": name + ", 4-bit activations",
+        by_range = plans.get(key) or plan_of(key)
+        pa = make_plan(t, by_range["mse"].w_bits, a_bits)
+        pm = make_plan(sizing["max"], by_range["max"].w_bits, a_bits)
+        row = {"plan": title(key) + ", 4-bit activations",
                "max-scaled, min/max": score(fp32, pm, data, test, PostTrainConfig.off())[0]}
         for ar in ("minmax", "percentile", "mse"):
             row[f"both, {ar}"] = score(fp32, pa, data, test, PostTrainConfig(act_range=ar))[0]
@@ -157,8 +179,8 @@ def render(run: dict, raw: str) -> str:
          "- max-scaled: each weight channel scaled by its largest magnitude, float batch-norm statistics "
          "(hawq before issue 16)",
          "- clipped: per-channel clip ratio from the grid 1.00, 0.99, ..., 0.06 minimising ||Q(W)−W||²",
-         "- BN re-estimation: batch-norm running statistics re-estimated in train mode on the first 4,096 "
-         "training images, weights frozen",
+         f"- BN re-estimation: batch-norm running statistics re-estimated in train mode on the first "
+         f"{run.get('bn_images', 4096)} training images, weights frozen",
          "- both: clipped + BN re-estimation (`hawq run`'s default now; `--weight-range max --bn-images 0` is the "
          "old behaviour)", "",
          "| plan | size KiB | max-scaled | clipped | BN re-estimation | both |", "|---|---|---|---|---|---|"]
@@ -199,8 +221,10 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--checkpoint", help="fp32 checkpoint (default: the hawq model cache)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "ptq.md"))
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--act-plans", nargs="*", default=["uniform 4-bit", "HAWQ-V2, uniform-3-bit budget"],
-                    help="plans of the 4-bit activation table (names as in the first table)")
+    ap.add_argument("--plans", nargs="*", default=list(PLANS), help="rows, in order (uniform:B or hawq:B)")
+    ap.add_argument("--act-plans", nargs="*", default=["uniform:4", "hawq:3"],
+                    help="plans of the 4-bit activation table")
+    ap.add_argument("--bn-images", type=int, default=4096, help="images of the batch-norm re-estimation")
     ap.add_argument("--no-mlp", action="store_true", help="skip the model without batch norm")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
