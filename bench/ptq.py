@@ -119,7 +119,8 @@ def main(a: argparse.Namespace) -> None:
     plans = {}
     rows, ptq_s = [], []
     run = {"argv": ["bench/ptq.py", *sys.argv[1:]], "fp32_top1": fp32_top1, "source": record["source"],
-           "test_images": len(test), "trace_images": a.trace_images, "bn_images": a.bn_images, "rows": rows, "act_rows": [], "mlp": None,
+           "test_images": len(test), "trace_images": a.trace_images, "bn_images": a.bn_images,
+           "rows": rows, "act_rows": [], "mlp": None,
            "ptq_s": ptq_s, "threads": a.threads,
            "machine": f"{platform.platform()}, {os.cpu_count()} logical cores, torch {torch.__version__}"}
     out = Path(a.out)
