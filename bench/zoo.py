@@ -116,6 +116,10 @@ def run_child(key: str, n_images: int, threads: int, seed: int) -> dict:
             "n_images": traces.n_images, "n_backward": traces.n_backward, "wall_s": traces.wall_s,
             "converged": traces.converged, "n_traced": len(traces.layers),
             "max_rel_stderr": max((lt.rel_stderr for lt in traces.layers), default=float("nan")),
+            "n_zero_traces": sum(1 for lt in traces.layers if lt.trace == 0),
+            "n_inf_se": sum(1 for lt in traces.layers if not lt.rel_stderr < float("inf")),
+            "max_finite_rel_stderr": max((lt.rel_stderr for lt in traces.layers if lt.rel_stderr < float("inf")),
+                                         default=float("nan")),
         }
     except Exception as e:  # noqa: BLE001
         row["errors"]["trace"] = _err(e)
@@ -285,6 +289,8 @@ def render(db: dict) -> str:
         bwd = f"{t['n_backward'] / max(t['n_images'], 1):.1f}" if t else "-"
         spi = f"{r['trace_stage_s'] / max(t['n_images'], 1):.1f}" if t else "-"
         se = f"{t['max_rel_stderr']:.2f}" if t else "-"
+        if t and t.get("n_inf_se"):
+            se = f"inf on {t['n_inf_se']} of {t['n_traced']} (one chunk); finite max {t['max_finite_rel_stderr']:.2f}"
         out.append("| " + " | ".join(_cell(c) for c in [
             r["model"], r.get("resolution", ""), f"{r.get('params', 0) / 1e6:.1f}M", r.get("attention", "-"),
             t["method"] if t else "-", why or "-", t["n_images"] if t else r.get("images", "-"), bwd, spi, se,
@@ -302,6 +308,30 @@ def render(db: dict) -> str:
         out.append("")
         for s, who in fails.items():
             out.append(f"- {s} fails on {len(who)}: " + "; ".join(who))
+    def _all_zero(t: dict) -> bool:
+        if t.get("n_zero_traces") is not None:
+            return t["n_zero_traces"] == t["n_traced"]
+        return t["n_backward"] == t["n_images"] and t.get("n_inf_se") == t["n_traced"]  # rows before the field
+
+    zero = [r["model"] for r in rows if r.get("trace") and r["trace"].get("n_traced") and _all_zero(r["trace"])]
+    two = [r["model"] for r in rows if r.get("images") == 2]
+    out += ["", "Notes:", ""]
+    if two:
+        out.append(f"- Run with `--images 2` (trace stage too slow at 4 images on this shared machine): "
+                   f"{', '.join(two)}. {db.get('meta', {}).get('n2_why', '')}")
+    out.append("- `inf` relative standard error: with `gn_residual` the residual term's variance is estimated "
+               "from per-chunk means, and 4 (or 2) images are a single chunk (default chunk_size 64), so the "
+               "standard error of every curved layer is infinite until a second chunk; `finite max` is the "
+               "largest over the other layers. A layer whose trace is exactly 0 also has an infinite relative "
+               "error.")
+    if zero:
+        out.append(f"- All traces exactly 0 ({', '.join(zero)}): with random initial weights these models' "
+                   "logits are huge (inception_v3: |logit| ~ 1e12), the softmax is exactly one-hot in float64, "
+                   "every image is 'confident' (1 backward vector) and the Gauss-Newton (= Hessian) trace of "
+                   "the loss is 0 on every layer; the plan is then uninformative (free layers at 2 bits, below "
+                   "the budget) and the logit differences of onnxruntime are large in absolute terms only.")
+    out.append("- `q=fp32` (quantized vs float top-1 on the same images) is only a sanity number: with random "
+               "weights near-tied logits flip easily.")
     remaining = [k for k in MODELS if k not in db["rows"]]
     if remaining:
         out += ["", "Not run yet: " + ", ".join(remaining) + "."]
@@ -394,7 +424,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rerun models already in docs/zoo.json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--render", action="store_true", help="only rewrite docs/zoo.md from docs/zoo.json")
+    ap.add_argument("--json", default=None, help="side file (default docs/zoo.json); another file, e.g. for a "
+                    "second runner, is merged in by --merge")
+    ap.add_argument("--merge", nargs="*", default=None, help="JSON side files whose rows are added to docs/zoo.json")
     a = ap.parse_args(argv)
+    global JSON_PATH, MD_PATH
+    if a.merge is not None:
+        db = _load()
+        for f in a.merge:
+            other = json.loads(Path(f).read_text())
+            db["rows"].update(other["rows"])
+        _save(db)
+        return 0
+    if a.json:
+        JSON_PATH = Path(a.json).resolve()
+        MD_PATH = JSON_PATH.with_suffix(".md")
     if a.child:
         row = run_child(a.child, a.images, a.threads, a.seed)
         print("ZOO_ROW " + json.dumps(row), flush=True)
