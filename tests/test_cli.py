@@ -80,6 +80,7 @@ def test_stages_rerun_alone(quick_run, capsys):
         (["--budget-mb", "-1"], "must be positive"),
         (["--budget-mb", "0.0001"], "smallest feasible size"),
         (["--data-dir", "/nonexistent/folder"], "--data-dir"),
+        (["--bn-images", "-1"], "--bn-images must be zero or positive"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(extra, message, fake_fmnist, tmp_path, capsys):
