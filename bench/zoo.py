@@ -285,7 +285,9 @@ def render(db: dict) -> str:
             fails.setdefault(s, []).append(f"{r['model']} ({e})")
         why = ""
         if t:
-            why = t["reason"] + ("; " + "; ".join(t["notes"]) if t["notes"] else "")
+            core = t["reason"].removeprefix("curved: ")
+            notes = [n.replace(f"({core})", "(as above)") if core and core in n else n for n in t["notes"]]
+            why = t["reason"] + ("; " + "; ".join(notes) if notes else "")
         bwd = f"{t['n_backward'] / max(t['n_images'], 1):.1f}" if t else "-"
         spi = f"{r['trace_stage_s'] / max(t['n_images'], 1):.1f}" if t else "-"
         se = f"{t['max_rel_stderr']:.2f}" if t else "-"
@@ -330,6 +332,12 @@ def render(db: dict) -> str:
                    "every image is 'confident' (1 backward vector) and the Gauss-Newton (= Hessian) trace of "
                    "the loss is 0 on every layer; the plan is then uninformative (free layers at 2 bits, below "
                    "the budget) and the logit differences of onnxruntime are large in absolute terms only.")
+    idle = [r["model"] for r in rows if r.get("trace") and any("never called" in n for n in r["trace"]["notes"])]
+    if idle:
+        out.append(f"- Layers never called in eval mode (auxiliary heads: {', '.join(idle)}) are left out of the "
+                   "traces and so of the sensitivity table; the table counts their parameters as other "
+                   "parameters at 32 bits, so the budget and the plan size include them, while the ONNX file "
+                   "(traced in eval mode) leaves them out: hence a plan size far above the file size.")
     out.append("- `q=fp32` (quantized vs float top-1 on the same images) is only a sanity number: with random "
                "weights near-tied logits flip easily.")
     remaining = [k for k in MODELS if k not in db["rows"]]
