@@ -177,9 +177,14 @@ def render(run: dict, raw: str) -> str:
          "layer at 8 bits. HAWQ-V2 plans from exact traces on "
          f"{run['trace_images']} training images, allocated with the Omega of the quantizer each column applies "
          "(size: max-scaled / clipped plan when they differ).", "",
+         *([f"**This is a REDUCED run** ({n} of 10000 test images, {run.get('bn_images', 4096)} batch-norm images, "
+            "traces on " + str(run["trace_images"]) + " images" + (", the model given by --checkpoint" if "checkpoint"
+            in run["source"] else "") + "); the full design is `.venv/bin/python bench/ptq.py --threads 1`.", ""]
+           if n < 10000 or run.get("bn_images", 4096) < 4096 else []),
          "- max-scaled: each weight channel scaled by its largest magnitude, float batch-norm statistics "
          "(hawq before issue 16)",
-         "- clipped: per-channel clip ratio from the grid 1.00, 0.99, ..., 0.06 minimising ||Q(W)−W||²",
+         "- clipped: per-channel clip ratio (a whole percent of the largest magnitude, 6%..100%, searched every "
+         "fifth percent then the eight around the best) minimising ||Q(W)−W||²",
          f"- BN re-estimation: batch-norm running statistics re-estimated in train mode on the first "
          f"{run.get('bn_images', 4096)} training images, weights frozen",
          "- both: clipped + BN re-estimation (`hawq run`'s default now; `--weight-range max --bn-images 0` is the "
@@ -228,6 +233,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--bn-images", type=int, default=4096, help="images of the batch-norm re-estimation")
     ap.add_argument("--no-mlp", action="store_true", help="skip the model without batch norm")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--render", metavar="RUN_JSON", help="only rewrite --out from a run's raw JSON (no measuring)")
     a = ap.parse_args()
     if a.quick:
         a.test_images, a.trace_images = a.test_images or 1000, 256
@@ -235,4 +241,8 @@ def parse() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    main(parse())
+    args = parse()
+    if args.render:
+        Path(args.out).write_text(render(json.loads(Path(args.render).read_text()), Path(args.render).name))
+    else:
+        main(args)
