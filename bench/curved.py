@@ -156,7 +156,19 @@ def plan_bits(model: nn.Module, result) -> dict[str, int]:
     table = sensitivity_table(model, result.means(), bits=(2, 3, 4, 8), example_input=torch.zeros(1, 1, 28, 28))
     total = 32 * table.other_params + sum(r.n_params * (r.bits[0] if r.fixed else 3) for r in table.layers)
     plan = best_plan(table, budget_bytes=total / 8)
-    return {k: v.w_bits for k, v in plan.layers.items()}
+    return {k: (v["w_bits"] if isinstance(v, dict) else v.w_bits) for k, v in plan.layers.items()}
+
+
+def cached(key: str, compute):
+    """A TraceResult from CACHE, or computed and stored (a failure later in the row keeps the traces)."""
+    from hawq.hessian import TraceResult
+
+    path = CACHE / f"curved_{key}.json"
+    if path.exists():
+        return TraceResult.from_dict(json.loads(path.read_text()))
+    result = compute()
+    path.write_text(json.dumps(result.to_dict()))
+    return result
 
 
 def run_model(name: str, epochs: int, max_images: int) -> dict:
@@ -165,15 +177,16 @@ def run_model(name: str, epochs: int, max_images: int) -> dict:
                  "n_layers": len(hawq.quantizable_layers(model))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = {}
-        for seed in (0, 1):
-            res[seed] = estimate_traces(model, trace_data(seed), max_images=max_images, seed=seed, progress=False)
+        res = {seed: cached(f"{name}_e{epochs}_gnr_s{seed}_{max_images}", lambda seed=seed: estimate_traces(
+            model, trace_data(seed), max_images=max_images, seed=seed, progress=False)) for seed in (0, 1)}
         wall = sum(r.wall_s for r in res.values()) / 2
-        calib = estimate_traces(model, trace_data(7), method="hutchinson", max_images=256, max_probes=10**6,
-                                rel_tol=1e-9, seed=7, progress=False)
+        calib = cached(f"{name}_e{epochs}_calib", lambda: estimate_traces(
+            model, trace_data(7), method="hutchinson", max_images=256, max_probes=10**6, rel_tol=1e-9, seed=7,
+            progress=False))
         hut_images = max(128, int(256 * wall / calib.wall_s) // 64 * 64)
-        hut = {seed: estimate_traces(model, trace_data(seed), method="hutchinson", max_images=hut_images,
-                                     max_probes=10**6, rel_tol=1e-9, seed=seed, progress=False) for seed in (0, 1)}
+        hut = {seed: cached(f"{name}_e{epochs}_hut_s{seed}_{hut_images}", lambda seed=seed: estimate_traces(
+            model, trace_data(seed), method="hutchinson", max_images=hut_images, max_probes=10**6, rel_tol=1e-9,
+            seed=seed, progress=False)) for seed in (0, 1)}
     for label, rs in (("gn_residual", res), ("hutchinson", hut)):
         a, b = ([lt.trace for lt in rs[s].layers] for s in (0, 1))
         row[label] = {
