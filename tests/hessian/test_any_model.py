@@ -251,3 +251,13 @@ def test_decomposed_multihead_attention_traced_per_projection_and_matches_dense(
     for lt in r.layers:
         assert abs(lt.trace - dense[lt.fqn]) <= 3 * lt.stderr + 1e-9, (lt.fqn, lt.trace, dense[lt.fqn], lt.stderr)
     assert r["head"].trace == pytest.approx(dense["head"], rel=0.1)  # proved layer: GN part only
+
+
+def test_gn_residual_result_is_json_on_one_chunk():
+    import json
+
+    model = Smooth(nn.GELU()).double()
+    x, y = _data((6,))
+    r = estimate_traces(model, [(x, y)], progress=False)  # one chunk: residual error bar unknown
+    assert r.method == "gn_residual"
+    json.dumps(r.to_dict(), allow_nan=False)  # what write_json does: no inf anywhere

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -45,7 +46,8 @@ class EstimationRun:
         mean, se = self.mean(), self.stderr()
         if self.stats.count >= 2:
             for i, n in enumerate(self.names):
-                self.history[n].append([float(self.images), float(mean[i]), float(se[i])])
+                if math.isfinite(float(se[i])):  # gn_residual: no error bar until two chunks of probes
+                    self.history[n].append([float(self.images), float(mean[i]), float(se[i])])
 
     def mean(self) -> Tensor:
         """Per-layer average traces: the Gauss-Newton mean plus the probed residual (gn_residual)."""
