@@ -345,6 +345,14 @@ def render(db: dict) -> str:
                    "the loss is 0 on every layer; the plan is then uninformative (free layers at 2 bits, below "
                    "the budget) and the logit differences of onnxruntime are large in absolute terms only.")
     idle = [r["model"] for r in rows if r.get("trace") and any("never called" in n for n in r["trace"]["notes"])]
+    head0 = [f"{r['model']} ({r['trace']['n_zero_traces']} of {r['trace']['n_traced']})" for r in rows
+             if r.get("trace") and r["model"].startswith("vit_b_16") and r["trace"].get("n_zero_traces")]
+    if head0:
+        out.append(f"- Traces exactly 0 on every layer but the head ({', '.join(head0)}): torchvision "
+                   "initialises ViT's classification head to zero, so with `weights=None` the loss does not "
+                   "depend on any earlier weight (gradient and Hessian of those layers exactly 0); the logits "
+                   "are the zero bias, every image is uncertain (12 vectors). Correct, but the plan carries "
+                   "no information for such a model.")
     if idle:
         out.append(f"- Layers never called in eval mode (auxiliary heads: {', '.join(idle)}) are left out of the "
                    "traces and so of the sensitivity table; the table counts their parameters as other "
@@ -424,7 +432,8 @@ def _run_watched(args: list[str], key: str, a) -> dict:
         lines = [ln for ln in out.read().splitlines() if ln.startswith("ZOO_ROW ")]
         errtext = err.read()
     row = json.loads(lines[-1][len("ZOO_ROW "):]) if lines else {"model": key, "images": a.images, "errors": {}}
-    if stopped or p.returncode != 0:
+    complete = bool(lines) and "stage_running" not in row  # the final row came out before the kill
+    if (stopped or p.returncode != 0) and not complete:
         stage = row.pop("stage_running", None) or "start"
         why = stopped or f"exit {p.returncode}: " + ((errtext.strip().splitlines() or [""])[-1])[:200]
         row["errors"][stage] = f"{why} (during {stage})"
