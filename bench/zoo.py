@@ -361,8 +361,12 @@ def render(db: dict) -> str:
     out.append("- `q=fp32` (quantized vs float top-1 on the same images) is only a sanity number: with random "
                "weights near-tied logits flip easily.")
     remaining = [k for k in MODELS if k not in db["rows"]]
-    if remaining:
-        out += ["", "Not run yet: " + ", ".join(remaining) + "."]
+    only_forced = [k for k in remaining if any(j.startswith(k + "[") for j in db["rows"])]
+    never = [k for k in remaining if k not in only_forced]
+    if only_forced:
+        out += ["", "Run only with a forced method (`[hybrid]` rows), not with `auto`: " + ", ".join(only_forced) + "."]
+    if never:
+        out += ["", "Not run (time ran out): " + ", ".join(never) + "."]
     for key, what in (("resnet50[default]", "random initial weights (every image confident here)"),
                       ("resnet50[default-uncertain]", "random weights with the last layer scaled by 1e-3, so "
                        "the softmax is near-uniform and every image is uncertain (the costly case)")):
