@@ -12,7 +12,6 @@ from hawq.quant.api import (
 )
 from hawq.quant.attention import DecomposedMultiheadAttention, decompose_attention_, hidden_linear_layers
 from hawq.quant.modules import QuantConv2d, QuantLinear
-from hawq.quant.ranges import calibrate_activations_, set_weight_range_
 from hawq.quant.primitives import (
     check_bits,
     fake_quant_activation,
@@ -20,6 +19,7 @@ from hawq.quant.primitives import (
     weight_perturbation,
     weight_to_int,
 )
+from hawq.quant.ranges import calibrate_activations_, set_weight_range_
 
 __all__ = [
     "DecomposedMultiheadAttention",
