@@ -261,3 +261,4 @@ def test_gn_residual_result_is_json_on_one_chunk():
     r = estimate_traces(model, [(x, y)], progress=False)  # one chunk: residual error bar unknown
     assert r.method == "gn_residual"
     json.dumps(r.to_dict(), allow_nan=False)  # what write_json does: no inf anywhere
+    assert math.isfinite(r["fc3"].stderr)  # the proved layer is never probed: its Gauss-Newton error bar stands

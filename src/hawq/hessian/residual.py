@@ -74,7 +74,6 @@ def residual_unreachable(model: nn.Module, names: Sequence[str], params: Sequenc
                          loss_fn: LossFn) -> list[str]:
     """Curved layers whose residual cannot be probed: the second backward raises, or comes back empty (what a
     `once_differentiable` autograd Function silently gives)."""
-    bad = []
     try:
         with torch.enable_grad(), twice_differentiable():
             z = model(x)
@@ -83,14 +82,24 @@ def residual_unreachable(model: nn.Module, names: Sequence[str], params: Sequenc
             grads = torch.autograd.grad((r * z).sum(), params, create_graph=True, allow_unused=True)
     except RuntimeError:
         return list(names)
-    for name, g, p in zip(names, grads, params):
-        if g is None or not g.requires_grad:  # a curved layer's gradient depends on its weights: the
-            bad.append(name)  # path went through an op that hides its double backward (once_differentiable)
-            continue
+    # curved layers' gradients depend on their weights; one that does not went through an op that hides its
+    # double backward (once_differentiable)
+    bad = [n for n, g in zip(names, grads) if g is None or not g.requires_grad]
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    if not live:
+        return bad
+    try:  # one second backward for all layers at once; per layer only if that fails
+        hs = torch.autograd.grad([grads[i] for i in live], params, [torch.ones_like(grads[i]) for i in live],
+                                 retain_graph=True, allow_unused=True)
+        return bad + [names[i] for i in live if hs[i] is None]
+    except RuntimeError:
+        pass
+    for i in live:
         try:
-            (h,) = torch.autograd.grad(g, p, torch.ones_like(g), retain_graph=True, allow_unused=True)
+            (h,) = torch.autograd.grad(grads[i], params[i], torch.ones_like(grads[i]), retain_graph=True,
+                                       allow_unused=True)
         except RuntimeError:
             h = None
         if h is None:
-            bad.append(name)
+            bad.append(names[i])
     return bad

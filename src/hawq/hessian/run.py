@@ -57,8 +57,10 @@ class EstimationRun:
         se = self.stats.stderr()
         if not self.residual.count or not self.curved:
             return se
-        var = se * se + self.residual.variance_of_mean()
-        return var.clamp_min(0.0).sqrt()
+        extra = torch.zeros_like(se)
+        idx = list(self.curved)
+        extra[idx] = self.residual.variance_of_mean()[idx]  # proved layers are never probed: GN error only
+        return (se * se + extra).clamp_min(0.0).sqrt()
 
     def done(self, rel_tol: float, min_share: float) -> list[bool]:
         return convergence(self.mean(), self.stderr(), self.n_params, rel_tol, min_share)
