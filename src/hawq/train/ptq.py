@@ -15,6 +15,7 @@ post-trained model. `make_batches` returns a fresh iterable of (inputs, ...) eac
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -141,6 +142,33 @@ def bias_correct_(model: nn.Module, batches: Iterable[Any], n_images: int = 1024
     return sorted(sums)
 
 
+def _finite_outputs(model: nn.Module, batches: Iterable[Any]) -> bool:
+    """One calibration batch through the model (activation quantization off) gives finite outputs."""
+    layers = list(quant_layers(model).values())
+    flags = [m.calibrating for m in layers]
+    ranges = [(m.act_min.clone(), m.act_max.clone()) for m in layers]
+    was = model.training
+    model.eval()
+    try:
+        for m in layers:
+            m.calibrating = True  # pass-through inputs: only the float path is checked
+        with torch.no_grad():
+            for batch in batches:
+                x = _inputs(batch)
+                device = next(model.parameters()).device
+                out = model(x.to(device) if isinstance(x, Tensor) else [t.to(device) for t in x])
+                vals = out.values() if isinstance(out, dict) else out
+                outs = [out] if isinstance(out, Tensor) else [t for t in vals if isinstance(t, Tensor)]
+                return all(bool(torch.isfinite(t).all()) for t in outs)
+    finally:
+        for m, f, (lo, hi) in zip(layers, flags, ranges):
+            m.calibrating = f
+            m.act_min.copy_(lo)  # the check's own min/max recording is not a calibration
+            m.act_max.copy_(hi)
+        model.train(was)
+    return True
+
+
 def post_train_(model: nn.Module, make_batches: Callable[[], Iterable[Any]], cfg: PostTrainConfig) -> dict:
     """Run the post-training steps on a model already passed through `hawq.quantize_`; returns a record."""
     set_weight_range_(model, cfg.weight_range)
@@ -149,7 +177,14 @@ def post_train_(model: nn.Module, make_batches: Callable[[], Iterable[Any]], cfg
         calibrate_activations_(model, make_batches(), cfg.act_range, cfg.calib_batches)
     record: dict[str, Any] = {**cfg.to_dict(), "bn_images_used": 0, "bias_corrected": []}
     if batch_norms(model):
+        saved = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
         record["bn_images_used"] = reestimate_bn_(model, make_batches(), cfg.bn_images)
+        if record["bn_images_used"] and not _finite_outputs(model, make_batches()):
+            # too few calibration images for some channel (near-zero variance): the statistics overflow
+            model.load_state_dict(saved, strict=False)
+            record["bn_images_used"] = 0
+            record["bn_skipped"] = "re-estimated statistics gave non-finite outputs; kept the float statistics"
+            warnings.warn(f"batch-norm re-estimation skipped: {record['bn_skipped']}", stacklevel=2)
     elif cfg.bias_correction:
         record["bias_corrected"] = bias_correct_(model, make_batches())
     if acts and (record["bn_images_used"] or record["bias_corrected"]):
