@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from hawq.hessian.hutchinson import LossFn, rademacher
-from hawq.hessian.persample import capture_io, exact_mode, gn_backward, hybrid_split
+from hawq.hessian.persample import capture_io, gn_backward, hybrid_split
 
 
 def input_numels(model: nn.Module, modules: Sequence[nn.Module], x: Tensor) -> list[int]:
@@ -39,11 +39,9 @@ def act_persample(
     """(B, L) per-image Gauss-Newton average traces w.r.t. each layer's input; backward passes spent."""
     if mode == "hybrid":
         values, spent = torch.empty(x.shape[0], len(modules), dtype=torch.float64), 0
-        for idx, sub in zip(hybrid_split(model, x), ("exact", "mc_fisher_is")):
+        hard, easy, uncertain_mode = hybrid_split(model, x)
+        for idx, sub in ((hard, uncertain_mode), (easy, "mc_fisher_is")):
             if len(idx):
-                if sub == "exact":
-                    with torch.no_grad():
-                        sub = exact_mode(int(model(x[idx[:1]]).shape[-1]))
                 values[idx], k = act_persample(model, modules, x[idx], sub, generator)
                 spent += k
         return values, spent

@@ -55,18 +55,22 @@ def hvp_probes(
     with torch.enable_grad():
         loss = loss_fn(model(x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True)
-    live = [i for i, g in enumerate(grads) if g.requires_grad]  # others: gradient constant, H_l = 0
+    return probe_quadratic_forms(grads, params, n_probes, generator)
+
+
+def probe_quadratic_forms(
+    grads: Sequence[Tensor | None], params: Sequence[Tensor], n_probes: int, generator: torch.Generator
+) -> Tensor:
+    """(n_probes, L) values v_l . (M v)_l / n_l for Rademacher v, where `grads` (built with create_graph) are
+    the gradients whose Jacobian w.r.t. `params` is M (the loss's Hessian, or the residual's)."""
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]  # others: M_l = 0
     out = torch.zeros(n_probes, len(params), dtype=torch.float64)
     for k in range(n_probes):
         vs = [rademacher(p.shape, p, generator) for p in params]
         if not live:
             continue
         hv = torch.autograd.grad(
-            [grads[i] for i in live],
-            params,
-            [vs[i] for i in live],
-            retain_graph=k < n_probes - 1,
-            allow_unused=True,
+            [grads[i] for i in live], params, [vs[i] for i in live], retain_graph=k < n_probes - 1, allow_unused=True
         )
         for li, (v, h) in enumerate(zip(vs, hv)):
             if h is not None:

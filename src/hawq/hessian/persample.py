@@ -239,12 +239,13 @@ def gn_backward(
 HYBRID_UNCERTAINTY = 0.5
 
 
-def hybrid_split(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices of (uncertain, confident) images of a chunk, from one forward pass without gradients."""
+def hybrid_split(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, str]:
+    """Indices of (uncertain, confident) images of a chunk, from one forward pass without gradients, and the
+    per-sample mode the uncertain ones get (`exact_mode` of the number of classes)."""
     with torch.no_grad():
         p = torch.softmax(model(x).double(), dim=-1)
     hard = ((1 - (p * p).sum(1)) >= HYBRID_UNCERTAINTY).cpu()  # CPU indices: they index CPU results too
-    return hard.nonzero().squeeze(1), (~hard).nonzero().squeeze(1)
+    return hard.nonzero().squeeze(1), (~hard).nonzero().squeeze(1), exact_mode(p.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -281,13 +282,9 @@ def persample_traces(
         values = torch.empty(x.shape[0], len(modules), dtype=torch.float64)
         diags: list[Tensor] | None = None
         spent = 0
-        width = None
-        for idx, sub in zip(hybrid_split(model, x), ("exact", "mc_fisher_is")):
+        hard, easy, uncertain_mode = hybrid_split(model, x)
+        for idx, sub in ((hard, uncertain_mode), (easy, "mc_fisher_is")):
             if len(idx):
-                if sub == "exact":
-                    with torch.no_grad():
-                        width = width or int(model(x[idx[:1]]).shape[-1])
-                    sub = exact_mode(width)
                 v, d, k = persample_traces(model, modules, x[idx], sub, generator, diagonal, plan)
                 values[idx] = v
                 diags = d if diags is None or d is None else [a + b for a, b in zip(diags, d)]

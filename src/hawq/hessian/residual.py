@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from hawq.hessian.hutchinson import LossFn, rademacher
+from hawq.hessian.hutchinson import LossFn, probe_quadratic_forms
 
 
 class _TwiceDifferentiable(TorchFunctionMode):
@@ -55,19 +55,7 @@ def residual_probes(
         (r,) = torch.autograd.grad(loss_fn(zd, y), zd)  # dL/dz of the chunk-mean loss
         s = (r * z).sum()
         grads = torch.autograd.grad(s, params, create_graph=True, allow_unused=True)
-    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-    out = torch.zeros(n_probes, len(params), dtype=torch.float64)
-    for k in range(n_probes):
-        vs = [rademacher(p.shape, p, generator) for p in params]
-        if not live:
-            continue
-        hv = torch.autograd.grad(
-            [grads[i] for i in live], params, [vs[i] for i in live], retain_graph=k < n_probes - 1, allow_unused=True
-        )
-        for li, (v, h) in enumerate(zip(vs, hv)):
-            if h is not None:
-                out[k, li] = float((v.double() * h.double()).sum()) / v.numel()
-    return out
+    return probe_quadratic_forms(grads, params, n_probes, generator)
 
 
 def residual_unreachable(model: nn.Module, names: Sequence[str], params: Sequence[Tensor], x: Tensor, y: Tensor,

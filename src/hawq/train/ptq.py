@@ -80,7 +80,6 @@ def reestimate_bn_(model: nn.Module, batches: Iterable[Any], n_images: int = 409
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over all batches, not an exponential one
         bn.train()
-    device = next(model.parameters()).device
     seen = 0
     try:
         for batch in batches:
@@ -89,7 +88,7 @@ def reestimate_bn_(model: nn.Module, batches: Iterable[Any], n_images: int = 409
             x = _inputs(batch)[: n_images - seen]
             if _n(x) < 2:  # train-mode batch norm needs two values per channel
                 break
-            model(x.to(device) if isinstance(x, Tensor) else [t.to(device) for t in x])
+            _forward(model, x)
             seen += _n(x)
     finally:
         for bn, mom in zip(bns, momenta):
@@ -124,14 +123,13 @@ def bias_correct_(model: nn.Module, batches: Iterable[Any], n_images: int = 1024
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     seen = 0
     try:
         for batch in batches:
             if seen >= n_images:
                 break
             x = _inputs(batch)
-            model(x.to(device) if isinstance(x, Tensor) else [t.to(device) for t in x])
+            _forward(model, x)
             seen += _n(x)
     finally:
         for h in handles:
@@ -140,6 +138,12 @@ def bias_correct_(model: nn.Module, batches: Iterable[Any], n_images: int = 1024
     for n, s in sums.items():
         layers[n].bias.sub_((s / counts[n]).to(layers[n].bias.dtype))
     return sorted(sums)
+
+
+def _forward(model: nn.Module, x: Tensor | list[Tensor]) -> Any:
+    """The model on a batch of inputs (a tensor, or a list of images) moved to the model's device."""
+    device = next(model.parameters()).device
+    return model(x.to(device) if isinstance(x, Tensor) else [t.to(device) for t in x])
 
 
 def _finite_outputs(model: nn.Module, batches: Iterable[Any]) -> bool:
@@ -155,8 +159,7 @@ def _finite_outputs(model: nn.Module, batches: Iterable[Any]) -> bool:
         with torch.no_grad():
             for batch in batches:
                 x = _inputs(batch)
-                device = next(model.parameters()).device
-                out = model(x.to(device) if isinstance(x, Tensor) else [t.to(device) for t in x])
+                out = _forward(model, x)
                 vals = out.values() if isinstance(out, dict) else out
                 outs = [out] if isinstance(out, Tensor) else [t for t in vals if isinstance(t, Tensor)]
                 return all(bool(torch.isfinite(t).all()) for t in outs)
