@@ -39,6 +39,12 @@ def fake_fmnist(tmp_path_factory) -> Path:
     return make_fake_fmnist(tmp_path_factory.mktemp("fmnist"))
 
 
+@pytest.fixture
+def make_fmnist():
+    """`make_fake_fmnist` itself, for tests that need a second data set."""
+    return make_fake_fmnist
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """Tests never read or fill the user's model cache."""

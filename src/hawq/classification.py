@@ -29,12 +29,13 @@ DATASET_SHAPES = {"fashion_mnist": (1, 10)}  # in_channels, num_classes
 class ClassificationData:
     train: TensorDataset
     test: TensorDataset
+    train_all: TensorDataset | None = None  # the whole training split when `train` is a --quick subset
 
 
 def load_data(cfg: RunConfig) -> ClassificationData:
-    tr = load_split("train", cfg.data_dir, cfg.download).subset(cfg.train_images)
+    full = load_split("train", cfg.data_dir, cfg.download)
     te = load_split("test", cfg.data_dir, cfg.download).subset(cfg.test_images)
-    return ClassificationData(tr, te)
+    return ClassificationData(full.subset(cfg.train_images), te, full)
 
 
 def build_model(cfg: RunConfig) -> nn.Module:
@@ -54,6 +55,31 @@ def fp_train_config(cfg: RunConfig, n_train: int) -> TrainConfig:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("HAWQ_CACHE", Path.home() / ".cache" / "hawq"))
+
+
+# Full-precision models shipped with hawq, made by its own training (`scripts/make_bundled.py`), under the name
+# their cache file would have; one is used only when its training data's fingerprint matches the data at hand.
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+
+
+def data_fingerprint(data: TensorDataset) -> str:
+    """sha256 of a data set's images and labels as loaded (after normalisation), 16 hex digits."""
+    h = hashlib.sha256()
+    h.update(data.images.contiguous().numpy().tobytes())
+    h.update(data.labels.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def bundled_model(file_name: str, data) -> Path | None:
+    """The bundled checkpoint named `file_name` when there is one trained on `data`, else None."""
+    path = BUNDLED_DIR / file_name
+    if not path.exists() or not isinstance(data, TensorDataset):
+        return None
+    try:
+        made_on = load_torch(path).get("train_data", {}).get("fingerprint")
+    except ValueError:
+        return None
+    return path if made_on == data_fingerprint(data) else None
 
 
 def cache_key(cfg: RunConfig, tcfg: TrainConfig, n_train: int) -> str:
@@ -97,26 +123,74 @@ def full_precision_model(
     if cfg.checkpoint is not None:
         load_state_into(model, cfg.checkpoint)
         return model.to(cfg.device).eval(), {"source": f"checkpoint {cfg.checkpoint}"}
+    if cfg.quick and getattr(data, "train_all", None) is not None and not cfg.retrain:
+        # a smoke run borrows the full run's model where one is cached or bundled: its comparison then means
+        # something; otherwise it trains one epoch on its few images
+        full = cfg.replace(quick=False)
+        tcfg = fp_train_config(full, len(data.train_all))
+        name = cache_file_name(full, cache_key(full, tcfg, len(data.train_all)))
+        for path in (cache_dir() / "fp32" / name, bundled_model(name, data.train_all)):
+            if path is not None and path.exists():
+                try:
+                    load_state_into(model, path)
+                except ValueError:
+                    model = build(cfg)
+                    continue
+                return model.to(cfg.device).eval(), {"source": f"{_source(path)} (the full run's model)",
+                                                     "train": tcfg.to_dict()}
     tcfg = fp_train_config(cfg, len(data.train))
     key = cache_key(cfg, tcfg, len(data.train))
-    cached = cache_dir() / "fp32" / f"{_cache_stem(cfg.model)}-{cfg.dataset}-{key}.pt"
+    name = cache_file_name(cfg, key)
+    cached = cache_dir() / "fp32" / name
     return cached_or_trained(
         model, lambda: build(cfg), cached, cfg.device,
         lambda m: train_data_parallel(m, data.train, tcfg, progress=progress, desc="train fp32"),
-        {"cache_key": key, "train": tcfg.to_dict()}, tcfg.to_dict())
+        {"cache_key": key, "train": tcfg.to_dict()}, tcfg.to_dict(),
+        bundled=None if cfg.retrain else bundled_model(name, data.train), retrain=cfg.retrain)
+
+
+def cache_file_name(cfg: RunConfig, key: str) -> str:
+    return f"{_cache_stem(cfg.model)}-{cfg.dataset}-{key}.pt"
+
+
+def _source(path: Path) -> str:
+    return f"bundled {path.name}" if path.parent == BUNDLED_DIR else f"cache {path}"
+
+
+def make_bundled(cfg: RunConfig, out_dir: Path, progress: bool = True) -> tuple[Path, dict]:
+    """Train the full-precision model of `cfg` from its recipe (never from a cache or a bundle) and write it
+    to `out_dir` under the name hawq looks for, with its training data's fingerprint; returns the path and
+    the record (test top-1, torch version, threads). `scripts/make_bundled.py` fills `BUNDLED_DIR` with it."""
+    data = load_data(cfg)
+    if data.train_all is not None and len(data.train_all) != len(data.train):
+        raise ValueError("a bundled model is trained on the whole training split: drop --quick")
+    tcfg = fp_train_config(cfg, len(data.train))
+    model = build_model(cfg).to(cfg.device)
+    stats = train_data_parallel(model, data.train, tcfg, progress=progress, desc="train fp32")
+    record = {"top1": evaluate(model, data.test), "torch": str(torch.__version__), "threads": torch.get_num_threads(),
+              **stats}
+    path = Path(out_dir) / cache_file_name(cfg, cache_key(cfg, tcfg, len(data.train)))
+    save_torch(path, {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": tcfg.to_dict(),
+                      "train_data": {"fingerprint": data_fingerprint(data.train), "n": len(data.train)},
+                      "made_with": record})
+    return path, record
 
 
 def cached_or_trained(model: nn.Module, rebuild, cached: Path, device, train_fn, record: dict,
-                      train_record) -> tuple[nn.Module, dict]:
-    """The model from the cache file `cached` when it loads, else trained by `train_fn(model)` (which returns
-    a dict of statistics) and saved there atomically. `rebuild()` makes a fresh model after a failed load;
-    `record` goes into the returned record, `train_record` into the cache file."""
-    if cached.exists():
+                      train_record, bundled: Path | None = None, retrain: bool = False) -> tuple[nn.Module, dict]:
+    """The model from the cache file `cached` when it loads, else from the `bundled` checkpoint, else trained
+    by `train_fn(model)` (which returns a dict of statistics) and saved in the cache atomically. `retrain`
+    skips both. `rebuild()` makes a fresh model after a failed load; `record` goes into the returned record,
+    `train_record` into the cache file."""
+    for path in () if retrain else (cached, bundled):
+        if path is None or not path.exists():
+            continue
         try:
-            load_state_into(model, cached)
-            return model.to(device).eval(), {"source": f"cache {cached}", **record}
+            load_state_into(model, path)
+            return model.to(device).eval(), {"source": _source(path), **record}
         except ValueError as e:
-            print(f"hawq: ignoring the cached model ({e}); training again", file=sys.stderr)
+            kind = "bundled" if path.parent == BUNDLED_DIR else "cached"
+            print(f"hawq: ignoring the {kind} model ({e}); training again", file=sys.stderr)
             model = rebuild()
     model.to(device)
     stats = train_fn(model)

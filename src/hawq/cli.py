@@ -40,10 +40,13 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", default=None, help="folder with the data files (default: Debian package folder)")
     g.add_argument("--download", action="store_true", help="download the data set if it is not found")
     g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--quick", action="store_true", help="smoke run on a few hundred images (about a minute)")
+    g.add_argument("--quick", action="store_true",
+                   help="smoke run on a few hundred images (under 90 s; the full run's model when cached or bundled)")
     g.add_argument("--device", default=d.device, help="cpu (default) or cuda[:N]")
     g = p.add_argument_group("full-precision model")
     g.add_argument("--checkpoint", default=None, help="full-precision weights to use instead of training")
+    g.add_argument("--retrain", action="store_true",
+                   help="train the full-precision model even when the cache or hawq's bundled models hold it")
     g.add_argument("--weights", default=None, help="local pretrained weights for the model's constructor")
     g.add_argument("--image-size", type=int, default=None, help="ImageNet/COCO input size (default: the model's)")
     g.add_argument("--num-classes", type=int, default=None, help="default: from the data set")
@@ -94,6 +97,9 @@ def _ft_options(p: argparse.ArgumentParser, with_defaults: bool = True) -> None:
                    help="images of quantization-aware fine-tuning (default: 10240; detection: 4000)")
     g.add_argument("--ft-lr", type=float, default=keep(None), help="default: 0.005 (detection: 2e-4)")
     g.add_argument("--distill", action="store_true", default=keep(False), help="distil from the full-precision model")
+    g.add_argument("--ft-skip-within", type=float, default=keep(0.2), metavar="POINTS",
+                   help="a plan scoring within POINTS of full precision after the post-training steps is not "
+                        "fine-tuned (default 0.2; negative: fine-tune every plan)")
     g.add_argument("--weight-range", choices=("mse", "max"), default=keep("mse"),
                    help="weight scale per channel: clipped to minimise ||Q(W)-W||^2 (mse, default) or max")
     g.add_argument("--bn-images", type=int, default=keep(4096),
@@ -105,7 +111,7 @@ def _ft_options(p: argparse.ArgumentParser, with_defaults: bool = True) -> None:
 
 ALLOC_KEYS = ("bits", "a_bits", "quantize_first_last", "budget_mb", "compression", "budget_bits",
               "sensitivity", "baselines")
-FT_KEYS = ("ft_images", "ft_lr", "distill", "weight_range", "bn_images", "act_range")
+FT_KEYS = ("ft_images", "ft_lr", "distill", "ft_skip_within", "weight_range", "bn_images", "act_range")
 
 
 def _to_config_kwargs(args: argparse.Namespace) -> dict:
@@ -223,7 +229,8 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None, pipeline, pr
         if args.cmd == "run":
             res = pipeline.run_all(cfg, args.out, progress, paper=None if recipe is None else recipe.get("paper"))
             if not args.quiet and os.environ.get("RANK", "0") == "0":
-                print(f"done: {args.out}/report.md (total {res.get('total_wall_s', 0):.0f} s)")
+                print(f"done: {args.out}/report.md")
+                print("\n".join(pipeline.summary_lines(res, cfg.quick)))
         else:
             ctx, data = pipeline.prepare(cfg, args.out, progress)
             pipeline.stage_fp32(ctx, data)

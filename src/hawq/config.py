@@ -71,6 +71,7 @@ class RunConfig:
     lr: float | None = None
     weight_decay: float = 5e-4
     checkpoint: str | None = None  # full-precision weights of the whole model, as hawq saves them
+    retrain: bool = False  # train even when the cache or hawq's bundled models hold this model
     weights: str | None = None  # local pretrained weights handed to the model's constructor (paper models)
     image_size: int | None = None  # ImageNet / COCO: input resolution (None: the model's standard size)
     num_classes: int | None = None  # None: from the data set
@@ -95,6 +96,7 @@ class RunConfig:
     ft_lr: float | None = None
     ft_batch_size: int = 128
     distill: bool = False
+    ft_skip_within: float = 0.2  # a plan within this many metric points of full precision is not fine-tuned
     # post-training steps (hawq.train.ptq), applied before the "before fine-tuning" score and before fine-tuning
     weight_range: str = "mse"  # per-channel weight clip: "mse" (error-minimising) or "max"
     bn_images: int = 4096  # batch-norm statistics re-estimated on this many training images (0: float ones)

@@ -77,7 +77,7 @@ class DetectionTask:
 
         return cached_or_trained(model, lambda: self.build_model(cfg),
                                  cache_dir() / "fp32" / f"{cfg.model}-detection-{key}.pt", cfg.device, train,
-                                 {"cache_key": key}, ident)
+                                 {"cache_key": key}, ident, retrain=cfg.retrain)
 
     def evaluate(self, model: nn.Module, data: DetectionData, progress: bool) -> dict[str, float]:
         scores = evaluate_map(model, detection_loader(data.val, 32), progress=progress)

@@ -187,6 +187,9 @@ def stage_fp32(ctx: Context, data: Any) -> nn.Module:
     save_torch(ctx.run.path("fp32.pt"), {"state_dict": state, "model": ctx.cfg.model, **record})
     scores = task.evaluate(model, data, progress=ctx.progress)
     ctx.log(f"full precision: {_fmt(scores)} ({record['source']})")
+    if ctx.cfg.quick and record["source"] == "trained":
+        ctx.log("this smoke run's model had one epoch on its few images, so its comparison means little: "
+                "`hawq train` with the same options but without --quick makes the full model, which --quick then uses")
     ctx.run.update_results(stage="fp32", wall_s=time.perf_counter() - t0, metric=task.metric,
                            models={"fp32": {**scores, "source": record["source"]}})
     return model
@@ -364,22 +367,37 @@ def stage_finetune(ctx: Context, data: Any, model: nn.Module | None = None) -> d
     cfg, task = ctx.cfg, ctx.task
     fp32 = model if model is not None else load_fp32(ctx)
     ft_images = min(cfg.ft_images, 512) if cfg.quick else cfg.ft_images
+    reference = fp32_score(ctx, fp32, data) if ft_images > 0 and cfg.ft_skip_within >= 0 else None
     out = {}
     for name, plan in plans_to_compare(ctx).items():
         qmodel = quantized_copy(task, fp32, plan, data, cfg)  # fine-tuning starts from the post-trained model
         before = task.evaluate(qmodel, data, progress=ctx.progress)
-        ft = {}
-        if ft_images > 0:
+        ft, skipped = {}, None
+        if reference is not None and before[task.metric] >= reference - cfg.ft_skip_within:
+            skipped = (f"within {cfg.ft_skip_within:g} points of full precision ({reference:.2f}) before "
+                       "fine-tuning (--ft-skip-within)")
+        if ft_images > 0 and skipped is None:
             ft = task.finetune(qmodel, data, cfg, ft_images, teacher=fp32 if cfg.distill else None,
                                progress=ctx.progress, desc=f"finetune {name}")
-        after = task.evaluate(qmodel, data, progress=ctx.progress) if ft_images > 0 else before
+        tuned = bool(ft)
+        after = task.evaluate(qmodel, data, progress=ctx.progress) if tuned else before
         state = {k: v.cpu() for k, v in qmodel.state_dict().items()}
         save_torch(ctx.run.path(f"qat/{name}.pt"), {"state_dict": state, "plan": plan.to_dict(), "finetune": ft})
         out[name] = {**after, **{f"{k}_before_ft": v for k, v in before.items()}, "size_bytes": plan.size_bytes,
-                     "size_mb": plan.size_bytes / MB, "omega": plan.omega, "bops": plan.bops, "ft_images": ft_images}
-        ctx.log(f"{name}: {_fmt(before)} before fine-tuning, {_fmt(after)} after ({plan.size_bytes / MB:.4f} MB)")
+                     "size_mb": plan.size_bytes / MB, "omega": plan.omega, "bops": plan.bops,
+                     "ft_images": ft_images if tuned else 0, **({"ft_skipped": skipped} if skipped else {})}
+        tail = f"{_fmt(after)} after" if tuned else f"not fine-tuned: {skipped}" if skipped else "no fine-tuning"
+        ctx.log(f"{name}: {_fmt(before)} before fine-tuning, {tail} ({plan.size_bytes / MB:.4f} MB)")
     ctx.run.update_results(stage="finetune", wall_s=time.perf_counter() - t0, metric=task.metric, models=out)
     return out
+
+
+def fp32_score(ctx: Context, fp32: nn.Module, data: Any) -> float:
+    """The full-precision model's score on the task's metric: from results.json, else evaluated now."""
+    recorded = ctx.run.results().get("models", {}).get("fp32", {}).get(ctx.task.metric)
+    if recorded is not None:
+        return float(recorded)
+    return float(ctx.task.evaluate(fp32, data, progress=ctx.progress)[ctx.task.metric])
 
 
 def load_finetuned(ctx: Context, fp32: nn.Module, name: str, plan: Plan) -> nn.Module:
@@ -436,6 +454,24 @@ def stage_report(ctx: Context) -> Path:
     return path
 
 
+def _secs(s: float) -> str:
+    return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
+
+
+QUICK_NOTE = ("smoke run (--quick): few images everywhere, so its numbers are not the benchmark's; "
+              "run without --quick for those")
+
+
+def summary_lines(results: dict, quick: bool) -> list[str]:
+    """The end of a run on the terminal: the wall time of every stage and the total, and what --quick means."""
+    order = ("fp32", "trace", "allocate", "finetune", "evaluate", "export", "report")
+    done = results.get("stages", {})
+    stages = ", ".join(f"{k} {_secs(done[k]['wall_s'])}" for k in sorted(done, key=lambda k: (k not in order,
+                       order.index(k) if k in order else 0, k)) if "wall_s" in done[k])
+    lines = [f"wall time: {stages}; total {_secs(results.get('total_wall_s', 0))}"]
+    return lines + ([QUICK_NOTE] if quick else [])
+
+
 def run_all(cfg: RunConfig, out: str | Path, progress: bool = True, paper: dict | None = None) -> dict:
     """Every stage, in order, into `out`. Returns results.json's content. `paper`: a recipe's published
     numbers, compared in results.json with what this run measured."""
@@ -457,4 +493,5 @@ def run_all(cfg: RunConfig, out: str | Path, progress: bool = True, paper: dict 
         delta = None if ours is None or theirs is None else round(ours - theirs, 3)
         ctx.run.update_results(paper=paper, delta_vs_paper=delta)
     stage_report(ctx)
+    ctx.run.update_results(total_wall_s=round(time.perf_counter() - t0, 2))  # the report included
     return ctx.run.results()

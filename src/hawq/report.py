@@ -142,8 +142,12 @@ def _results_table(results: dict, plan: dict | None) -> list[str]:
         if not m or f"{metric}_before_ft" not in m:
             continue
         title = "HAWQ-V2 plan" if name == "hawq" else f"uniform {name[7:]}-bit"
+        after = f"{m[metric]:.2f}" + (" (not fine-tuned)" if m.get("ft_skipped") else "")
         lines.append(f"| {title} | {m['size_mb']:.4f} | {m['omega']:.4g} | {m[f'{metric}_before_ft']:.2f} | "
-                     f"{m[metric]:.2f} |" + "".join(f" {m.get(k, float('nan')):.2f} |" for k in extra))
+                     f"{after} |" + "".join(f" {m.get(k, float('nan')):.2f} |" for k in extra))
+    skipped = {m["ft_skipped"] for m in models.values() if isinstance(m, dict) and m.get("ft_skipped")}
+    if skipped:
+        lines += ["", "Not fine-tuned: plans " + "; ".join(sorted(skipped)) + "."]
     return lines
 
 
@@ -194,7 +198,8 @@ def write_report(root: str | Path) -> Path:
 
     matplotlib.use("Agg")
     md = [f"# hawq report: {cfg.get('model', '?')} on {cfg.get('dataset', '?')}", ""]
-    quick = " Quick smoke run (--quick): the numbers mean nothing." if cfg.get("quick") else ""
+    quick = (" Smoke run (--quick): few images everywhere, so its numbers are not the benchmark's."
+             if cfg.get("quick") else "")
     md += [f"Seed {cfg.get('seed')}, hawq {cfg.get('hawq_version')}, torch {cfg.get('torch_version')}, "
            f"device {cfg.get('device')} ({cfg.get('machine')}).{quick}", ""]
     md += ["## Results", ""] + _results_table(results, plan) + [""]
