@@ -120,6 +120,8 @@ def estimate_traces(
     heads in eval mode, are left out with a note); a layer named in `layers` must be called.
     Many classes: above 16 classes an uncertain image costs 12 backward vectors (top classes exact, the
     rest importance-sampled), not C; a chunk is cut to fit the memory of the model's device.
+    Sequences: loss 'cross_entropy' also takes logits (B, T, C) with targets (B, T) (-100: not counted),
+    one sequence one sample (hawq.hessian.methods: its tokens summed with random signs, unbiased).
     Per-image contributions are heavy-tailed (on ResNet-20/Fashion-MNIST one image in ~5,000 carries
     ~100-1,000x the mean of the first layers), so a run that meets such an image needs many more images.
     Standard errors: per-image values (GN methods), per-chunk residual and probe means (gn_residual,

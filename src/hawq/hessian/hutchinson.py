@@ -28,11 +28,29 @@ class NoDoubleBackwardError(ValueError):
         )
 
 
+IGNORE_INDEX = -100  # targets equal to this are left out (PyTorch's convention)
+
+
+def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy of logits (B, C) with targets (B,), or of sequences: logits (B, T, C) with targets (B, T),
+    one sequence one sample: each sequence's loss is the mean over its tokens (targets `IGNORE_INDEX` left
+    out), the loss the mean over sequences (equal to F.cross_entropy over all tokens when every sequence
+    has the same number of counted tokens)."""
+    if logits.dim() == 3 and target.dim() == 2:
+        if target.shape != logits.shape[:2]:
+            raise ValueError(f"sequence targets {tuple(target.shape)} do not match logits {tuple(logits.shape)}: "
+                             "pass targets (B, T) for logits (B, T, C)")
+        per_token = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
+        counted = (target != IGNORE_INDEX).sum(1).clamp_min(1)
+        return (per_token.sum(1) / counted).mean()
+    return F.cross_entropy(logits, target)  # (B, C) or PyTorch's other forms, e.g. (B, C, H, W) with (B, H, W)
+
+
 def resolve_loss(loss: str | LossFn) -> LossFn:
     if callable(loss):
         return loss
     if loss == "cross_entropy":
-        return F.cross_entropy
+        return cross_entropy
     if loss == "mse":
         return F.mse_loss
     raise ValueError(f"unknown loss {loss!r}: use 'cross_entropy', 'mse' or a callable(output, target)")

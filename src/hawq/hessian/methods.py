@@ -16,6 +16,11 @@ includes data sampling; they differ in what they compute per chunk of images (ru
   auto          cross-entropy on logits (B, C): hybrid where every layer is proved piecewise linear,
                 else gn_residual (hybrid, with a note, where double backward is missing); any other loss:
                 hutchinson.
+
+Sequences (logits (B, T, C) with targets (B, T), `hutchinson.cross_entropy`): one sequence is one sample,
+its loss the mean over its tokens (targets -100 left out); the Gauss-Newton methods sum a sequence's tokens
+with a random sign per token and backward vector (unbiased; exact for T = 1), every sequence in the per-token
+mode of uncertain images, and gn_residual adds the residual as for images.
 """
 
 from __future__ import annotations
@@ -107,7 +112,8 @@ def choose(
 ) -> Choice:
     """The method for this model, loss and data (the `auto` rule), with a reason and one note at most."""
     ce = opts.loss == "cross_entropy"
-    logits = info.out_dim == 2
+    sequences = info.out_dim == 3 and probe[1].dim() == 2  # logits (B, T, C), targets (B, T)
+    logits = info.out_dim == 2 or (sequences and not opts.activations)
     foreign = [names[i] for i, (u, c) in enumerate(zip(info.used, info.calls)) if u and c == 0]
     unsplit = [f"{names[i]} {why}" for i, why in sorted(info.unsplit.items())]
     curved = tuple(info.curved_layers())
@@ -123,7 +129,8 @@ def choose(
             reason = (f"the weights of {', '.join(foreign[:3])} are used without calling the layer: per-sample "
                       "gradients cannot see them; Hessian-vector products")
         elif not ce or not logits:
-            why = "the loss is not cross-entropy" if not ce else "the model's output is not logits (B, C)"
+            why = ("the loss is not cross-entropy" if not ce else "activation traces of sequences" if sequences
+                   else "the model's output is not logits (B, C) or (B, T, C)")
             method, reason = "hutchinson", f"{why}: Hessian-vector products"
         elif not curved:
             method, reason = "hybrid", pl
@@ -143,8 +150,12 @@ def choose(
     if m.gauss_newton and not ce:
         raise ValueError(f"method={method!r} needs loss='cross_entropy'; use method='hutchinson' for {opts.loss!r}")
     if m.gauss_newton and not logits:
-        raise ValueError("per-sample traces need a model returning logits (B, C): use method='hutchinson'")
+        raise ValueError("per-sample traces need a model returning logits (B, C) (weights: or (B, T, C) with "
+                         "targets (B, T)): use method='hutchinson'")
     notes: list[str] = []
+    if m.gauss_newton and sequences and probe[1].shape[1] > 1:
+        notes.append("sequences: one sequence is one sample; its Gauss-Newton part sums the tokens with random "
+                     "signs (unbiased, not exact; the sign noise is inside the standard errors)")
     probed: tuple[int, ...] = ()
     if m.residual and curved:
         x, y = probe

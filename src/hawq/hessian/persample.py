@@ -155,14 +155,30 @@ def _is_weights(p: Tensor) -> Tensor:
     return q / q.sum(1, keepdim=True)
 
 
-def output_grad_vectors(logits: Tensor, mode: str, generator: torch.Generator | None) -> Tensor:
+def output_grad_vectors(logits: Tensor, mode: str, generator: torch.Generator | None,
+                        counted: Tensor | None = None) -> Tensor:
     """Backward vectors u (K, B, C) with sum_k ||J^T u_k||^2 = the Gauss-Newton quadratic form.
+
+    Sequences (logits (B, T, C), one sequence one sample, its loss the mean over its `counted` tokens
+    (B, T) bool, default all): u (K, B, T, C) holds each token's vector of `mode` divided by sqrt(n_b) and,
+    when T > 1, times an independent random sign per token and vector, so that the cross terms between
+    tokens vanish in expectation: E ||J^T u_k||^2 = sum_t ||J^T u_kt||^2 (unbiased, not exact).
 
     exact: K = C, u_c = sqrt(p_c) (p - e_c), summing p_c ||grad CE(., c)||^2 over classes.
     top_is: K = TOP_CLASSES + TAIL_SAMPLES: the top classes exactly, the tail importance-sampled (unbiased).
     mc_fisher: K = 1, u = p - e_c with one label c ~ p per image (unbiased for the same sum).
     mc_fisher_is: K = 1, one label from q_c ~ p_c ||p - e_c||^2, weighted by p_c / q_c (unbiased).
     """
+    if logits.dim() == 3:
+        B, T, C = logits.shape
+        u = output_grad_vectors(logits.reshape(B * T, C), mode, generator)  # (K, B*T, C)
+        u = u.reshape(u.shape[0], B, T, C)
+        keep = torch.ones(B, T, dtype=torch.bool) if counted is None else counted.cpu().bool()
+        scale = keep.double() / keep.sum(1, keepdim=True).clamp_min(1).double().sqrt()  # (B, T)
+        if T > 1:
+            signs = torch.randint(0, 2, (u.shape[0], B, T), generator=generator).double() * 2 - 1
+            scale = scale * signs
+        return u * scale.unsqueeze(-1).to(device=u.device, dtype=u.dtype)
     # on the CPU: the label generator is a CPU torch.Generator (same draws on every device)
     p = torch.softmax(logits.detach().double().cpu(), dim=-1)  # (B, C)
     B, C = p.shape
@@ -208,18 +224,21 @@ def gn_backward(
     generator: torch.Generator | None,
     wrt_input: bool = False,
     group: int | None = None,
+    counted: Tensor | None = None,
 ) -> Iterator[tuple[list[list[tuple[Tensor, Tensor]]], list[Tensor], int]]:
     """Forward x, then backward the K vectors of `output_grad_vectors` to each layer's output (or its
     own input, wrt_input=True), `group` vectors at a time (all at once by default). Yields (records,
-    grads (k, B, ...) in record order, k) per group of k vectors; the K gradients add up over groups."""
+    grads (k, B, ...) in record order, k) per group of k vectors; the K gradients add up over groups.
+    Sequence logits (B, T, C): `counted` (B, T) marks the tokens the loss counts (default all)."""
     with capture_io(modules, grad_input=wrt_input) as records, torch.enable_grad():
         logits = model(x)
-    if not isinstance(logits, Tensor) or logits.dim() != 2:
-        raise ValueError("per-sample traces need a model returning logits (B, C): use method='hutchinson'")
+    if not isinstance(logits, Tensor) or logits.dim() not in (2, 3):
+        raise ValueError("per-sample traces need a model returning logits (B, C) or (B, T, C): "
+                         "use method='hutchinson'")
     missing = [i for i, r in enumerate(records) if not r]
     if missing:
         raise ValueError(f"layers {missing} were not called in the forward pass: check `layers`")
-    u = output_grad_vectors(logits, mode, generator)  # (K, B, C)
+    u = output_grad_vectors(logits, mode, generator, counted)  # (K, B, C) or (K, B, T, C)
     targets = [t for r in records for _, t in r]
     K = u.shape[0]
     group = K if group is None else max(1, group)
@@ -257,6 +276,13 @@ class ChunkPlan:
     batch_dims: tuple[int, ...] = ()  # per layer: the input dim that indexes the images
 
 
+def counted_tokens(y: Tensor) -> Tensor | None:
+    """The tokens a sequence loss counts, (B, T) bool, for sequence targets (B, T); None for targets (B,)."""
+    from hawq.hessian.hutchinson import IGNORE_INDEX
+
+    return (y != IGNORE_INDEX).cpu() if y.dim() == 2 else None
+
+
 def exact_mode(num_classes: int) -> str:
     """What `exact` within `hybrid` means for this many classes (see TOP_CLASSES)."""
     return "exact" if num_classes <= EXACT_CLASSES else "top_is"
@@ -270,14 +296,21 @@ def persample_traces(
     generator: torch.Generator | None = None,
     diagonal: bool = False,
     plan: ChunkPlan | None = None,
+    counted: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor] | None, int]:
     """Per-image Gauss-Newton average traces for one chunk of images.
 
     Returns (values (B, L) float64 with values[i, l] = sum_c p_ic ||grad_{W_l} CE_ic||^2 / n_l (or an
     unbiased estimate of it), per-layer diagonal sums (or None), image-backward passes spent: the sum over
-    images of the backward vectors each one took).
+    images of the backward vectors each one took). Sequences (logits (B, T, C)): one value per sequence,
+    `counted` (B, T) the tokens its loss counts (see `output_grad_vectors`); `hybrid` then gives every
+    sequence the per-token mode of uncertain images.
     """
     plan = plan or ChunkPlan()
+    if mode == "hybrid" and counted is not None:  # sequences: tokens are summed, no per-sequence split
+        with torch.no_grad():
+            width = model(x[:1]).shape[-1]
+        mode = exact_mode(width)
     if mode == "hybrid":
         values = torch.empty(x.shape[0], len(modules), dtype=torch.float64)
         diags: list[Tensor] | None = None
@@ -292,7 +325,8 @@ def persample_traces(
         return values, diags, spent
     step = plan.images or x.shape[0]
     if step < x.shape[0]:  # images are independent: cut the chunk, same values
-        parts = [persample_traces(model, modules, x[i : i + step], mode, generator, diagonal, plan)
+        parts = [persample_traces(model, modules, x[i : i + step], mode, generator, diagonal, plan,
+                                  None if counted is None else counted[i : i + step])
                  for i in range(0, x.shape[0], step)]
         diags = None if not diagonal else [sum(d[li] for _, d, _ in parts) for li in range(len(modules))]
         return torch.cat([v for v, _, _ in parts]), diags, sum(k for _, _, k in parts)
@@ -300,7 +334,7 @@ def persample_traces(
     values = torch.zeros(B, len(modules), dtype=torch.float64)
     diags = [torch.zeros(m.weight.shape, dtype=torch.float64) for m in modules] if diagonal else None
     spent = 0
-    for records, grads, k in gn_backward(model, modules, x, mode, generator, group=plan.vectors):
+    for records, grads, k in gn_backward(model, modules, x, mode, generator, group=plan.vectors, counted=counted):
         spent += k * B  # one image through one backward vector = 1
         j = 0
         for li, (m, r) in enumerate(zip(modules, records)):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from hawq.hessian.persample import persample_traces
+from hawq.hessian.persample import counted_tokens, persample_traces
 
 
 def step(run, model, modules, method, x, y, loss_fn, n_probes) -> None:
-    values, diags, k = persample_traces(model, modules, x, method, run.gen, run.diag_sums is not None, run.plan)
+    values, diags, k = persample_traces(model, modules, x, method, run.gen, run.diag_sums is not None, run.plan,
+                                        counted_tokens(y))
     run.stats.add(values)  # one independent sample per image
     run.n_backward += k
     if diags is not None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from hawq.hessian.persample import persample_traces
+from hawq.hessian.persample import counted_tokens, persample_traces
 from hawq.hessian.residual import residual_probes
 
 
 def step(run, model, modules, method, x, y, loss_fn, n_probes) -> None:
-    values, _, k = persample_traces(model, modules, x, "hybrid", run.gen, False, run.plan)
+    values, _, k = persample_traces(model, modules, x, "hybrid", run.gen, False, run.plan, counted_tokens(y))
     run.stats.add(values)
     r = torch.zeros(len(run.names), dtype=torch.float64)
     if run.curved:  # proved layers have R_ll = 0: no probes there
