@@ -30,7 +30,6 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
-from hawq import classification as task
 from hawq.alloc import (
     ALLOCATORS,
     best_plan,
@@ -47,11 +46,12 @@ from hawq.alloc import (
     uniform_plan,
     v1_plan,
 )
+from hawq.artifacts import load_torch, save_torch
 from hawq.config import RunConfig
 from hawq.data.fashion_mnist import TensorDataset, batches
 from hawq.hessian import estimate_traces, weights_hash
-from hawq.io import load_torch, save_torch
 from hawq.quant import quantize_
+from hawq.tasks import classification as task
 from hawq.train import PostTrainConfig, TrainConfig, evaluate, post_train_, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -36,12 +36,12 @@ from hawq.alloc import (
     make_plan,
     sensitivity_table,
 )
+from hawq.artifacts import load_torch, save_torch
 from hawq.data.detection_synth import detection_loader, load_detection_split, make_detection_set
 from hawq.hessian import estimate_activation_traces, estimate_traces
-from hawq.io import load_torch, save_torch
+from hawq.models.retinanet_tiny import create_detector
 from hawq.tasks.detection import (
     TRAIN_DEFAULTS,
-    create_detector,
     detection_loss_fn,
     evaluate_map,
     fixed_layers,

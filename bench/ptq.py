@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hawq import classification as task
 from hawq.alloc import best_plan, make_plan, plan_for_bits, sensitivity_table
 from hawq.config import RunConfig
 from hawq.data.fashion_mnist import batches
 from hawq.hessian import estimate_traces
 from hawq.quant import quantizable_layers, quantize_
+from hawq.tasks import classification as task
 from hawq.train import PostTrainConfig, TrainConfig, evaluate, post_train_, train
 
 ROOT = Path(__file__).resolve().parents[1]

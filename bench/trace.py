@@ -21,9 +21,9 @@ from scipy.stats import spearmanr
 from torch import nn
 
 import hawq.models as M
+from hawq.artifacts import load_torch, save_torch
 from hawq.data import batches, load_split
 from hawq.hessian import TraceResult, estimate_traces
-from hawq.io import load_torch, save_torch
 
 CACHE = Path(os.environ.get("HAWQ_BENCH_CACHE", "/tmp/hawq_bench"))
 DATA_DIR: str | None = None  # --data-dir

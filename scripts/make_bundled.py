@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import sys
 
-from hawq.classification import BUNDLED_DIR, make_bundled
 from hawq.cli import _to_config_kwargs, build_parser
 from hawq.config import RunConfig
+from hawq.tasks.classification import make_bundled
+from hawq.tasks.fp32 import BUNDLED_DIR
 
 
 def main(argv: list[str]) -> None:

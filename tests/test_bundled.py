@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-import hawq.classification as cls
+import hawq.tasks.classification as cls
 from hawq.cli import main
 from hawq.config import RunConfig
+from hawq.tasks import fp32
 
 TINY = dict(model="tiny_cnn", epochs=1, batch_size=64)
 
@@ -23,7 +24,7 @@ def _no_training(*_, **__):
 def bundle(fake_fmnist, tmp_path, monkeypatch):
     """A bundle folder holding tiny_cnn trained on the fake data by `make_bundled`."""
     folder = tmp_path / "bundled"
-    monkeypatch.setattr(cls, "BUNDLED_DIR", folder)
+    monkeypatch.setattr(fp32, "BUNDLED_DIR", folder)
     monkeypatch.setenv("HAWQ_CACHE", str(tmp_path / "cache"))  # an empty cache of this test's own
     cfg = RunConfig(data_dir=str(fake_fmnist), **TINY)
     path, record = cls.make_bundled(cfg, folder, progress=False)
@@ -65,7 +66,7 @@ def test_quick_run_borrows_the_full_runs_model(bundle, monkeypatch):
 
 
 def test_quick_run_without_a_full_model_trains_its_own(fake_fmnist, monkeypatch, tmp_path):
-    monkeypatch.setattr(cls, "BUNDLED_DIR", tmp_path / "empty")
+    monkeypatch.setattr(fp32, "BUNDLED_DIR", tmp_path / "empty")
     monkeypatch.setenv("HAWQ_CACHE", str(tmp_path / "cache"))
     quick = RunConfig(data_dir=str(fake_fmnist), quick=True, seed=7, **TINY)
     _, rec = cls.full_precision_model(quick, cls.load_data(quick), progress=False)
@@ -116,10 +117,10 @@ def test_bundled_default_model_is_reproduced_by_its_recipe(tmp_path):
     cfg = RunConfig()
     data = cls.load_data(cfg)
     name = cls.cache_file_name(cfg, cls.cache_key(cfg, cls.fp_train_config(cfg, len(data.train)), len(data.train)))
-    bundled = cls.BUNDLED_DIR / name
+    bundled = fp32.BUNDLED_DIR / name
     assert bundled.exists(), f"no bundled default model {name}: run scripts/make_bundled.py"
     shipped = torch.load(bundled, weights_only=True)
-    assert shipped["train_data"]["fingerprint"] == cls.data_fingerprint(data.train)
+    assert shipped["train_data"]["fingerprint"] == fp32.data_fingerprint(data.train)
     path, record = cls.make_bundled(cfg, tmp_path, progress=False)
     assert path.name == name
     assert abs(record["top1"] - shipped["made_with"]["top1"]) <= 0.3, (record, shipped["made_with"])

@@ -3,11 +3,16 @@ they say (the scorer gives 100 to an oracle and 0 to a blind detector on the run
 recorded mAPs are those of the saved checkpoints; the plan meets its budget)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import hawq
 from hawq.cli import main
 
 
@@ -57,3 +62,11 @@ def test_detection_run_writes_artifacts_with_map(fake_fmnist, tmp_path):
     assert main(["evaluate", "--quiet", "--out", str(out)]) == 0
     again = json.loads((out / "results.json").read_text())["models"]
     assert {k: again[k]["map50"] for k in recorded} == pytest.approx(recorded, abs=1e-6)
+
+    # export: refused in one line with exit code 2, nothing written (no model.onnx, results unchanged)
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    proc = subprocess.run([sys.executable, "-m", "hawq.cli", "export", "--out", str(out)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(Path(hawq.__file__).parents[1])})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cannot run the export stage" in proc.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before

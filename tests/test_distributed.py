@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from hawq import distributed as hd
+from hawq.artifacts import write_json
 from hawq.hessian.result import LayerTrace, TraceResult
-from hawq.io import write_json
 from hawq.models import create_model
 
 N_IMAGES, BATCH = 32, 4

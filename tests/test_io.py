@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from hawq.io import save_torch, write_json
+from hawq.artifacts import save_torch, write_json
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])

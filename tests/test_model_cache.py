@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hawq.classification import cached_or_trained
+from hawq.tasks.fp32 import cached_or_trained
 
 
 def make() -> nn.Module:

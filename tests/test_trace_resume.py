@@ -3,8 +3,8 @@
 import json
 import shutil
 
+import hawq.hessian.accumulator as R
 import hawq.hessian.estimate as E
-import hawq.hessian.run as R
 from hawq.cli import main
 
 

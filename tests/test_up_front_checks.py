@@ -64,8 +64,8 @@ def test_infeasible_bops_budget_is_refused_up_front(extra, fake_fmnist, tmp_path
 def _allocate_with_fixed_a_bits(fake_fmnist, out, budget_gbops, **kw):
     """The allocation stage on a run folder with an untrained tiny_cnn and made-up traces (no training)."""
     from hawq import pipeline
+    from hawq.artifacts import save_torch, write_json
     from hawq.config import RunConfig
-    from hawq.io import save_torch, write_json
 
     cfg = RunConfig(model="tiny_cnn", data_dir=str(fake_fmnist), quick=True, a_bits=8, budget_gbops=budget_gbops,
                     baselines=(4,), **kw)

@@ -11,7 +11,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from hawq.config import DATASETS, TASKS, TRACE_METHODS, RunConfig
+from hawq.config import TRACE_METHODS, RunConfig
+from hawq.tasks import dataset_names, task_defaults, task_names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,16 +28,27 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="CPU threads of torch (default: torch's; 1 is faster on a machine shared with other jobs)")
 
 
+def _per_task(key: str, what: str = "") -> str:
+    """Help text of a per-task default, from the tasks' own defaults: 'default: 3 (detection: 16)'."""
+    values = [(t, task_defaults(t).get(key)) for t in task_names()]
+    values = [(t, v) for t, v in values if v is not None]
+    if not values:
+        return ""
+    (_, first), rest = values[0], values[1:]
+    others = "; ".join(f"{t}: {v}" for t, v in rest)
+    return f"{what}default: {first}" + (f" ({others})" if others else "")
+
+
 def _run_options(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
     g = p.add_argument_group("task")
     g.add_argument("--recipe", default=None,
                    help="a recipe JSON (configs/*.json): its settings are the defaults, the command line wins")
-    g.add_argument("--task", choices=TASKS, default=d.task)
+    g.add_argument("--task", choices=task_names(), default=d.task)
     g.add_argument("--model", default=None,
-                   help="registered model name (default: resnet20; detection: retinanet_tiny), torchvision:NAME "
+                   help=f"registered model name ({_per_task('model')}), torchvision:NAME "
                         "(any torchvision classification model) or path/to/file.py:function (your own builder)")
-    g.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)}")
+    g.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(dataset_names())}")
     g.add_argument("--data-dir", default=None, help="folder with the data files (default: Debian package folder)")
     g.add_argument("--download", action="store_true", help="download the data set if it is not found")
     g.add_argument("--seed", type=int, default=d.seed)
@@ -50,14 +62,14 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default=None, help="local pretrained weights for the model's constructor")
     g.add_argument("--image-size", type=int, default=None, help="ImageNet/COCO input size (default: the model's)")
     g.add_argument("--num-classes", type=int, default=None, help="default: from the data set")
-    g.add_argument("--epochs", type=int, default=None, help="default: 3 (detection: 12)")
-    g.add_argument("--batch-size", type=int, default=None, help="default: 128 (detection: 32)")
-    g.add_argument("--lr", type=float, default=None, help="default: 0.1 SGD (detection: 2e-3 AdamW)")
+    g.add_argument("--epochs", type=int, default=None, help=_per_task("epochs"))
+    g.add_argument("--batch-size", type=int, default=None, help=_per_task("batch_size"))
+    g.add_argument("--lr", type=float, default=None, help=_per_task("lr"))
     g = p.add_argument_group("Hessian traces")
     g.add_argument("--trace-method", choices=TRACE_METHODS, default=d.trace_method)
     g.add_argument("--trace-rel-tol", type=float, default=d.trace_rel_tol,
                    help="target relative standard error of every layer's trace (default 0.05)")
-    g.add_argument("--trace-max-images", type=int, default=None, help="default: 8192 (detection: 512)")
+    g.add_argument("--trace-max-images", type=int, default=None, help=_per_task("trace_max_images"))
     g.add_argument("--trace-chunk", type=int, default=d.trace_chunk,
                    help=f"images per per-sample backward pass (default {d.trace_chunk}; cut further to fit memory)")
     _alloc_options(p)
@@ -94,8 +106,8 @@ def _ft_options(p: argparse.ArgumentParser, with_defaults: bool = True) -> None:
     keep = _default if with_defaults else (lambda _: argparse.SUPPRESS)
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--ft-images", type=int, default=keep(None),
-                   help="images of quantization-aware fine-tuning (default: 10240; detection: 4000)")
-    g.add_argument("--ft-lr", type=float, default=keep(None), help="default: 0.005 (detection: 2e-4)")
+                   help=_per_task("ft_images", "images of quantization-aware fine-tuning; "))
+    g.add_argument("--ft-lr", type=float, default=keep(None), help=_per_task("ft_lr"))
     g.add_argument("--distill", action="store_true", default=keep(False), help="distil from the full-precision model")
     g.add_argument("--ft-skip-within", type=float, default=keep(0.2), metavar="POINTS",
                    help="a plan scoring within POINTS of full precision after the post-training steps is not "
@@ -236,7 +248,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None, pipeline, pr
             pipeline.stage_fp32(ctx, data)
         return 0
     overrides = _to_config_kwargs(args) if args.cmd in ("allocate", "finetune") else {}
-    ctx, data = pipeline.open_run(args.out, progress, needs_device=args.cmd != "report", **overrides)
+    ctx, data = pipeline.open_run(args.out, progress, needs_device=args.cmd != "report", stage=args.cmd, **overrides)
     if args.cmd == "trace":
         pipeline.stage_trace(ctx, data)
     elif args.cmd == "allocate":

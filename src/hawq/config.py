@@ -36,9 +36,6 @@ def check_device(device: str) -> None:
                          f"(cuda:0..cuda:{n - 1}): choose one of those")
 
 
-TASKS = ("classification", "detection")
-DATASETS = ("fashion_mnist", "imagenet", "coco")
-
 # Fields that decide the full-precision model and its traces: a run folder holding other values is a
 # different run. The remaining fields (budget, bit widths, fine-tuning) may change between stage calls.
 IDENTITY_FIELDS = (
@@ -47,14 +44,6 @@ IDENTITY_FIELDS = (
     "trace_method", "trace_rel_tol", "trace_max_images", "trace_batch_size", "quick",
 )
 
-
-TASK_DEFAULTS = {
-    "classification": {"model": "resnet20", "epochs": 3, "batch_size": 128, "lr": 0.1, "ft_images": 10240,
-                       "ft_lr": 0.005, "trace_max_images": 8192},
-    # the detection set's 2,000 training canvases; AdamW (see hawq.tasks.detection.train_detector)
-    "detection": {"model": "retinanet_tiny", "epochs": 16, "batch_size": 32, "lr": 2e-3, "ft_images": 4000,
-                  "ft_lr": 2e-4, "trace_max_images": 512},
-}
 
 
 @dataclass(frozen=True)
@@ -66,7 +55,7 @@ class RunConfig:
     download: bool = False
     seed: int = 0
     # full-precision training (skipped with `checkpoint`, or when the cache holds the same config)
-    epochs: int | None = None  # None: the task's default (TASK_DEFAULTS)
+    epochs: int | None = None  # None: the task's default (its `defaults`)
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float = 5e-4
@@ -106,16 +95,17 @@ class RunConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.task in TASK_DEFAULTS:
-            for key, value in TASK_DEFAULTS[self.task].items():
-                if getattr(self, key) is None:
-                    object.__setattr__(self, key, value)
+        from hawq.tasks import dataset_names, task_defaults, task_names  # the registry (tasks import config)
+
+        for key, value in task_defaults(self.task).items():  # each task's defaults live with the task
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"unknown device {self.device!r}: use cpu or cuda[:N]")
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
+        if self.task not in task_names():
+            raise ValueError(f"unknown task {self.task!r}: choose one of {', '.join(task_names())}")
+        if self.dataset not in dataset_names():
+            raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {', '.join(dataset_names())}")
         if self.trace_method not in TRACE_METHODS:
             raise ValueError(f"unknown trace method {self.trace_method!r}: choose one of {', '.join(TRACE_METHODS)}")
         if not self.w_bits:

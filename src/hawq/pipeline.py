@@ -1,4 +1,4 @@
-"""The stages of a run wired together over a run folder (DESIGN.md: data flow and artifacts).
+"""The stages of a run wired together over a run folder (docs/design.md: data flow and artifacts).
 
     prepare -> fp32 -> trace -> allocate -> finetune -> report
 Each stage reads the artifacts of the stages before it from the folder, so it can be rerun alone.
@@ -39,34 +39,15 @@ from hawq.alloc import (
     smallest_bops,
 )
 from hawq.alloc.plan import bops_shortfall
-from hawq.classification import ClassificationTask
+from hawq.artifacts import load_torch, read_json, save_torch, write_json
 from hawq.config import RunConfig, check_device
 from hawq.distributed import barrier, distributed_traces, world_size
 from hawq.hessian import estimate_activation_traces, estimate_traces, weights_hash
-from hawq.io import read_json, save_torch, write_json
 from hawq.quant import calibrate_, quantize_
 from hawq.quant.ranges import set_weight_range_
 from hawq.runfolder import RunFolder
+from hawq.tasks import Task, get_task
 from hawq.train.ptq import PostTrainConfig, post_train_
-
-
-def get_task(cfg: RunConfig):
-    """The task object behind the stages (data, model, training, scoring, the loss of the traces)."""
-    if cfg.task == "detection" and cfg.dataset == "coco":
-        from hawq.coco_task import CocoTask
-
-        return CocoTask()
-    if cfg.task == "detection":
-        from hawq.detection import DetectionTask
-
-        return DetectionTask()
-    if cfg.dataset == "imagenet":
-        from hawq.imagenet_task import ImageFolderTask
-
-        return ImageFolderTask()
-    if cfg.dataset != "fashion_mnist":
-        raise ValueError(f"the classification task does not read {cfg.dataset!r}: use fashion_mnist or imagenet")
-    return ClassificationTask()
 
 
 @dataclass
@@ -76,8 +57,8 @@ class Context:
     progress: bool = True
 
     @property
-    def task(self):
-        return get_task(self.cfg)
+    def task(self) -> Task:
+        return get_task(self.cfg)  # one object per (task, dataset)
 
     def log(self, msg: str) -> None:
         if self.progress:
@@ -120,7 +101,7 @@ def _fixed(cfg: RunConfig, model: nn.Module, example: Any = None) -> dict[str, i
     return default_fixed(model)
 
 
-def check_budget(cfg: RunConfig, model: nn.Module, example: Any = None) -> None:
+def check_feasible(cfg: RunConfig, model: nn.Module, example: Any = None) -> None:
     """Fail before anything is written when no plan can meet the size or the BOPs budget.
 
     The BOPs check needs the layers' MACs: one forward of `example` (an input batch)."""
@@ -149,15 +130,17 @@ def prepare(cfg: RunConfig, out: str | Path, progress: bool = True) -> tuple[Con
     task = get_task(cfg)
     data = task.load_data(cfg)
     model = task.build_model(cfg)
-    check_budget(cfg, model, task.example_input(data))
+    check_feasible(cfg, model, task.example_input(data))
     if cfg.checkpoint is not None:
         task.load_state_into(model, cfg.checkpoint)
     run.write_config(cfg)
     return Context(cfg, run, progress), data
 
 
-def open_run(out: str | Path, progress: bool = True, needs_device: bool = True, **overrides) -> tuple[Context, Any]:
-    """The run in `out` with `overrides` applied; `needs_device=False` for stages that only read artifacts."""
+def open_run(out: str | Path, progress: bool = True, needs_device: bool = True, stage: str | None = None,
+             **overrides) -> tuple[Context, Any]:
+    """The run in `out` with `overrides` applied; `needs_device=False` for stages that only read artifacts.
+    `stage`: the stage about to run, refused in one line (before anything is written) if the task cannot."""
     run = RunFolder(out)
     cfg = run.read_config()
     if overrides:
@@ -168,8 +151,10 @@ def open_run(out: str | Path, progress: bool = True, needs_device: bool = True, 
     if needs_device:
         check_device(cfg.device)
     task = get_task(cfg)
+    if stage is not None:
+        task.refuse(stage)
     data = task.load_data(cfg)
-    check_budget(cfg, task.build_model(cfg), task.example_input(data))
+    check_feasible(cfg, task.build_model(cfg), task.example_input(data))
     run.write_config(cfg)
     return Context(cfg, run, progress), data
 
@@ -184,7 +169,7 @@ def stage_fp32(ctx: Context, data: Any) -> nn.Module:
     task = ctx.task
     model, record = task.full_precision_model(ctx.cfg, data, progress=ctx.progress)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
-    save_torch(ctx.run.path("fp32.pt"), {"state_dict": state, "model": ctx.cfg.model, **record})
+    save_torch(ctx.run.fp32, {"state_dict": state, "model": ctx.cfg.model, **record})
     scores = task.evaluate(model, data, progress=ctx.progress)
     ctx.log(f"full precision: {_fmt(scores)} ({record['source']})")
     if ctx.cfg.quick and record["source"] == "trained":
@@ -197,7 +182,7 @@ def stage_fp32(ctx: Context, data: Any) -> nn.Module:
 
 def load_fp32(ctx: Context) -> nn.Module:
     model = ctx.task.build_model(ctx.cfg)
-    path = ctx.run.path("fp32.pt")
+    path = ctx.run.fp32
     if not path.exists():
         raise ValueError(f"{path} is missing: run `hawq run --out {ctx.run.root}` (or the fp32 stage) first")
     ctx.task.load_state_into(model, path)
@@ -221,14 +206,14 @@ def stage_trace(ctx: Context, data: Any, model: nn.Module | None = None) -> dict
     model = model if model is not None else load_fp32(ctx)
     cfg = ctx.cfg
     settings, w_hash = trace_settings(cfg), weights_hash(model)
-    path = ctx.run.path("traces.json")
+    path = ctx.run.traces
     if path.exists():
         old = read_json(path, "traces")
-        diag_ok = not settings["diagonal"] or ctx.run.path("diagonals.pt").exists()
+        diag_ok = not settings["diagonal"] or ctx.run.diagonals.exists()
         if old.get("weights_hash") == w_hash and old.get("settings") == settings and diag_ok:
             ctx.log("traces: reusing traces.json (same weights, data and settings)")
             return old
-    partial = ctx.run.path("traces.partial.pt")  # running sums: an interrupted estimation resumes here
+    partial = ctx.run.traces_partial  # running sums: an interrupted estimation resumes here
     kwargs = dict(method=cfg.trace_method, loss=ctx.task.trace_loss(model), rel_tol=cfg.trace_rel_tol,
                   max_images=trace_max_images(cfg), seed=cfg.seed, progress=ctx.progress,
                   diagonal=settings["diagonal"], chunk_size=cfg.trace_chunk)
@@ -244,20 +229,33 @@ def stage_trace(ctx: Context, data: Any, model: nn.Module | None = None) -> dict
     wall_s = payload.pop("wall_s", time.perf_counter() - t0)
     payload.update(weights_hash=w_hash, settings=settings)
     if settings["activations"]:
-        act_partial = ctx.run.path("act_traces.partial.pt")  # resumes after a kill, like the weight traces
-        act = estimate_activation_traces(model, ctx.task.trace_batches(cfg, data), method=cfg.trace_method,
-                                         loss=ctx.task.trace_loss(model), rel_tol=cfg.trace_rel_tol,
-                                         max_images=trace_max_images(cfg), seed=cfg.seed, progress=ctx.progress,
-                                         chunk_size=cfg.trace_chunk,
-                                         state_path=act_partial if world_size() == 1 else None)
-        payload["activations"] = {k: v for k, v in act.to_dict().items() if k != "wall_s"}
-        ctx.log(f"activation traces: {len(act.layers)} layer inputs by {act.method} on {act.n_images} images")
+        payload["activations"] = _activation_traces(ctx, data, model)
     if getattr(result, "diagonals", None):
-        save_torch(ctx.run.path("diagonals.pt"), result.diagonals)
+        save_torch(ctx.run.diagonals, result.diagonals)
     write_json(path, "traces", payload)
     if world_size() == 1:
         partial.unlink(missing_ok=True)
-        ctx.run.path("act_traces.partial.pt").unlink(missing_ok=True)
+        ctx.run.act_traces_partial.unlink(missing_ok=True)
+    _log_traces(ctx, result)
+    ctx.run.update_results(stage="trace", wall_s=time.perf_counter() - t0,
+                           traces={"method": result.method, "n_images": result.n_images, "wall_s": wall_s,
+                                   "n_backward": result.n_backward})
+    return payload
+
+
+def _activation_traces(ctx: Context, data: Any, model: nn.Module) -> dict:
+    """Per-input activation traces (--a-bits-options), resumable like the weight traces."""
+    cfg = ctx.cfg
+    act = estimate_activation_traces(model, ctx.task.trace_batches(cfg, data), method=cfg.trace_method,
+                                     loss=ctx.task.trace_loss(model), rel_tol=cfg.trace_rel_tol,
+                                     max_images=trace_max_images(cfg), seed=cfg.seed, progress=ctx.progress,
+                                     chunk_size=cfg.trace_chunk,
+                                     state_path=ctx.run.act_traces_partial if world_size() == 1 else None)
+    ctx.log(f"activation traces: {len(act.layers)} layer inputs by {act.method} on {act.n_images} images")
+    return {k: v for k, v in act.to_dict().items() if k != "wall_s"}
+
+
+def _log_traces(ctx: Context, result) -> None:
     worst = max(lt.stderr / abs(lt.trace) if lt.trace else float("inf") for lt in result.layers)
     ctx.log(f"traces: {len(result.layers)} layers by {result.method} on {result.n_images} images "
             f"(largest relative standard error {100 * worst:.1f}%)")
@@ -265,64 +263,82 @@ def stage_trace(ctx: Context, data: Any, model: nn.Module | None = None) -> dict
         ctx.log(f"traces: {note}")
     if not result.converged:
         idle = sum(not lt.converged for lt in result.layers)
-        ctx.log(f"traces: {idle} layers stopped above --trace-rel-tol {cfg.trace_rel_tol} at {result.n_images} "
-                "images: raise --trace-max-images for sharper traces")
-    ctx.run.update_results(stage="trace", wall_s=time.perf_counter() - t0,
-                           traces={"method": result.method, "n_images": result.n_images, "wall_s": wall_s,
-                                   "n_backward": result.n_backward})
-    return payload
+        ctx.log(f"traces: {idle} layers stopped above --trace-rel-tol {ctx.cfg.trace_rel_tol} at "
+                f"{result.n_images} images: raise --trace-max-images for sharper traces")
+
+
+def _trace_means(ctx: Context) -> dict[str, float]:
+    """Average traces per layer from traces.json; negative ones (a non-convex loss away from a minimum) count as 0
+    in Omega = Tr/n * ||dW||^2, with a warning."""
+    traces = read_json(ctx.run.traces, "traces")
+    means = {row["fqn"]: row["trace"] for row in traces["layers"]}
+    negative = sorted(k for k, v in means.items() if v < 0)
+    if negative:
+        ctx.log(f"warning: negative average trace for {', '.join(negative)}; counted as 0 in Omega")
+    return {k: max(v, 0.0) for k, v in means.items()} if negative else means
+
+
+def _diagonals(ctx: Context) -> dict | None:
+    """The curvature diagonals of `--sensitivity diag` (diagonals.pt), else None."""
+    if ctx.cfg.sensitivity != "diag":
+        return None
+    if not ctx.run.diagonals.exists():
+        raise ValueError(f"the diagonal sensitivity needs curvature diagonals: run `hawq run --sensitivity diag "
+                         f"--out {ctx.run.root}`")
+    return load_torch(ctx.run.diagonals)
+
+
+def _gbops(cfg: RunConfig) -> float | None:
+    return None if cfg.budget_gbops is None else cfg.budget_gbops * 1e9
+
+
+def _weight_only_plan(cfg: RunConfig, table: SensitivityTable, budget: float) -> Plan:
+    return best_plan(table, budget if size_budget_applies(cfg) else None, a_bits=cfg.a_bits, budget_bops=_gbops(cfg))
+
+
+def _joint_plan(ctx: Context, data: Any, model: nn.Module, table: SensitivityTable, budget: float,
+                table_dict: dict, frontier_doc: dict) -> tuple[Plan, dict]:
+    """Weight and activation bits together (--a-bits-options); adds the activation Omega to `table_dict` and
+    the BOPs frontier to `frontier_doc`. Returns the plan and the activation Omega."""
+    cfg = ctx.cfg
+    traces = read_json(ctx.run.traces, "traces")
+    act_traces = {r["fqn"]: r["trace"] for r in traces["activations"]["layers"]}
+    pert = activation_perturbations(model, ctx.task.calibration_batches(data), list(table.fqns), cfg.a_bits_options)
+    act_omega = activation_omega(act_traces, pert)
+    table_dict["activation_omega"] = {k: {str(b): v for b, v in d.items()} for k, d in act_omega.items()}
+    plan = best_joint_plan(table, act_omega, a_bits=cfg.a_bits_options,
+                           budget_bytes=budget if size_budget_applies(cfg) else None, budget_bops=_gbops(cfg))
+    joint = joint_frontier(table, act_omega, a_bits=cfg.a_bits_options, cost="bops")
+    frontier_doc["bops_points"] = [{"plan_id": i, **p.to_dict()} for i, p in enumerate(joint)]
+    return plan, act_omega
 
 
 def stage_allocate(ctx: Context, data: Any, model: nn.Module | None = None) -> Plan:
+    """Sensitivity table, Pareto frontier, the best plan under the budget and the uniform plans to compare."""
     t0 = time.perf_counter()
     cfg = ctx.cfg
     model = model if model is not None else load_fp32(ctx)
-    traces = read_json(ctx.run.path("traces.json"), "traces")
-    means = {row["fqn"]: row["trace"] for row in traces["layers"]}
-    negative = sorted(k for k, v in means.items() if v < 0)
-    if negative:  # a non-convex loss away from a minimum: Omega = Tr/n * ||dW||^2 assumes Tr >= 0
-        ctx.log(f"warning: negative average trace for {', '.join(negative)}; counted as 0 in Omega")
-        means = {k: max(v, 0.0) for k, v in means.items()}
-    diagonals = None
-    if cfg.sensitivity == "diag":
-        from hawq.io import load_torch
-
-        if not ctx.run.path("diagonals.pt").exists():
-            raise ValueError(f"the diagonal sensitivity needs curvature diagonals: run `hawq run --sensitivity diag "
-                             f"--out {ctx.run.root}`")
-        diagonals = load_torch(ctx.run.path("diagonals.pt"))
-    fixed = _fixed(cfg, model, ctx.task.example_input(data))
-    table = sensitivity_table(model, means, bits=cfg.w_bits, fixed=fixed, diagonals=diagonals,
-                              example_input=ctx.task.example_input(data).to(cfg.device), weight_range=cfg.weight_range)
+    example = ctx.task.example_input(data)
+    table = sensitivity_table(model, _trace_means(ctx), bits=cfg.w_bits, fixed=_fixed(cfg, model, example),
+                              diagonals=_diagonals(ctx), example_input=example.to(cfg.device),
+                              weight_range=cfg.weight_range)
     table_dict = table.to_dict()
     table_dict["measure"] = table_dict.pop("kind", "trace")
-    write_json(ctx.run.path("sensitivity.json"), "sensitivity", table_dict)
     frontier = pareto_frontier(table)
     budget = budget_bytes(cfg, table)
     frontier_doc = {"fqns": list(table.fqns), "points": [{"plan_id": i, **p.to_dict()} for i, p in enumerate(frontier)]}
-    act_omega, uniform_a = None, cfg.a_bits
     if cfg.a_bits_options:
-        act_traces = {r["fqn"]: r["trace"] for r in traces["activations"]["layers"]}
-        pert = activation_perturbations(model, ctx.task.calibration_batches(data), list(table.fqns),
-                                        cfg.a_bits_options)
-        act_omega = activation_omega(act_traces, pert)
-        table_dict["activation_omega"] = {k: {str(b): v for b, v in d.items()} for k, d in act_omega.items()}
-        write_json(ctx.run.path("sensitivity.json"), "sensitivity", table_dict)
-        size_given = size_budget_applies(cfg)
-        plan = best_joint_plan(table, act_omega, a_bits=cfg.a_bits_options, budget_bytes=budget if size_given else None,
-                               budget_bops=None if cfg.budget_gbops is None else cfg.budget_gbops * 1e9)
-        joint = joint_frontier(table, act_omega, a_bits=cfg.a_bits_options, cost="bops")
-        frontier_doc["bops_points"] = [{"plan_id": i, **p.to_dict()} for i, p in enumerate(joint)]
+        plan, act_omega = _joint_plan(ctx, data, model, table, budget, table_dict, frontier_doc)
         uniform_a = max(cfg.a_bits_options)
     else:
-        plan = best_plan(table, budget if size_budget_applies(cfg) else None, a_bits=cfg.a_bits,
-                         budget_bops=None if cfg.budget_gbops is None else cfg.budget_gbops * 1e9)
+        plan, act_omega, uniform_a = _weight_only_plan(cfg, table, budget), None, cfg.a_bits
+    write_json(ctx.run.sensitivity, "sensitivity", table_dict)
     if not size_budget_applies(cfg):
         budget = None  # recorded as no size budget, not as one the plan may exceed
-    write_json(ctx.run.path("frontier.json"), "frontier", frontier_doc)
+    write_json(ctx.run.frontier, "frontier", frontier_doc)
     uniform = {f"uniform{b}": make_plan(table, plan_for_bits(table, b).w_bits, {f: uniform_a for f in table.fqns},
                                         act_omega) for b in sorted(set(cfg.baselines))}
-    write_json(ctx.run.path("plan.json"), "plan", {
+    write_json(ctx.run.plan, "plan", {
         **plan.to_dict(), "budget_bytes": budget, "budget_mb": None if budget is None else budget / MB,
         "budget_gbops": cfg.budget_gbops,
         "size": size_report(table, plan), "sensitivity": table.kind,
@@ -340,7 +356,7 @@ def stage_allocate(ctx: Context, data: Any, model: nn.Module | None = None) -> P
 
 
 def plans_to_compare(ctx: Context) -> dict[str, Plan]:
-    d = read_json(ctx.run.path("plan.json"), "plan")
+    d = read_json(ctx.run.plan, "plan")
     plans = {"hawq": Plan.from_dict(d)}
     plans.update({k: Plan.from_dict(v) for k, v in d.get("uniform", {}).items()})
     return plans
@@ -382,7 +398,7 @@ def stage_finetune(ctx: Context, data: Any, model: nn.Module | None = None) -> d
         tuned = bool(ft)
         after = task.evaluate(qmodel, data, progress=ctx.progress) if tuned else before
         state = {k: v.cpu() for k, v in qmodel.state_dict().items()}
-        save_torch(ctx.run.path(f"qat/{name}.pt"), {"state_dict": state, "plan": plan.to_dict(), "finetune": ft})
+        save_torch(ctx.run.qat(name), {"state_dict": state, "plan": plan.to_dict(), "finetune": ft})
         out[name] = {**after, **{f"{k}_before_ft": v for k, v in before.items()}, "size_bytes": plan.size_bytes,
                      "size_mb": plan.size_bytes / MB, "omega": plan.omega, "bops": plan.bops,
                      "ft_images": ft_images if tuned else 0, **({"ft_skipped": skipped} if skipped else {})}
@@ -394,14 +410,14 @@ def stage_finetune(ctx: Context, data: Any, model: nn.Module | None = None) -> d
 
 def fp32_score(ctx: Context, fp32: nn.Module, data: Any) -> float:
     """The full-precision model's score on the task's metric: from results.json, else evaluated now."""
-    recorded = ctx.run.results().get("models", {}).get("fp32", {}).get(ctx.task.metric)
+    recorded = ctx.run.read_results().get("models", {}).get("fp32", {}).get(ctx.task.metric)
     if recorded is not None:
         return float(recorded)
     return float(ctx.task.evaluate(fp32, data, progress=ctx.progress)[ctx.task.metric])
 
 
 def load_finetuned(ctx: Context, fp32: nn.Module, name: str, plan: Plan) -> nn.Module:
-    ckpt = ctx.run.path(f"qat/{name}.pt")
+    ckpt = ctx.run.qat(name)
     if not ckpt.exists():
         raise ValueError(f"{ckpt} is missing: run `hawq finetune --out {ctx.run.root}` first")
     qmodel = copy.deepcopy(fp32).cpu()
@@ -429,11 +445,12 @@ def stage_export(ctx: Context, data: Any) -> dict:
     from hawq.export import export_onnx, size_breakdown, verify_onnx
 
     t0 = time.perf_counter()
+    ctx.task.refuse("export")
     fp32 = load_fp32(ctx)
     plan = plans_to_compare(ctx)["hawq"]
     qmodel = load_finetuned(ctx, fp32, "hawq", plan).cpu().eval()
     example = ctx.task.example_input(data).cpu()
-    report = export_onnx(qmodel, ctx.run.path("model.onnx"), example)
+    report = export_onnx(qmodel, ctx.run.onnx, example)
     verified = verify_onnx(report.path, qmodel, ctx.task.export_batches(data), progress=ctx.progress)
     sizes = size_breakdown(report.path)
     out = {**report.to_dict(), "verify": verified.to_dict(), "size": sizes, "computed_size_bytes": plan.size_bytes}
@@ -488,10 +505,10 @@ def run_all(cfg: RunConfig, out: str | Path, progress: bool = True, paper: dict 
     barrier()
     ctx.run.update_results(total_wall_s=round(time.perf_counter() - t0, 2))
     if paper:
-        ours = ctx.run.results()["models"].get("hawq", {}).get(paper.get("metric", ctx.task.metric))
+        ours = ctx.run.read_results()["models"].get("hawq", {}).get(paper.get("metric", ctx.task.metric))
         theirs = (paper.get("hawq_v2") or {}).get("value")
         delta = None if ours is None or theirs is None else round(ours - theirs, 3)
         ctx.run.update_results(paper=paper, delta_vs_paper=delta)
     stage_report(ctx)
     ctx.run.update_results(total_wall_s=round(time.perf_counter() - t0, 2))  # the report included
-    return ctx.run.results()
+    return ctx.run.read_results()

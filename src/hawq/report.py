@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hawq.io import _atomic_write_bytes, read_json
+from hawq.artifacts import _atomic_write_bytes, read_json
+from hawq.runfolder import RunFolder
 
 MB = 2**20
 
 
-def _load(root: Path, name: str, kind: str) -> dict[str, Any] | None:
-    p = root / name
+def _load(p: Path, kind: str) -> dict[str, Any] | None:
     return read_json(p, kind) if p.exists() else None
 
 
@@ -186,13 +186,13 @@ def _budget_text(plan: dict) -> str:
 
 def write_report(root: str | Path) -> Path:
     """Write root/report.md and root/figures/*.png from whatever artifacts exist."""
-    root = Path(root)
-    cfg = _load(root, "config.json", "config") or {}
-    traces = _load(root, "traces.json", "traces")
-    plan = _load(root, "plan.json", "plan")
-    frontier = _load(root, "frontier.json", "frontier")
-    results = _load(root, "results.json", "results") or {}
-    figs = root / "figures"
+    run = RunFolder(root)
+    cfg = _load(run.config_path, "config") or {}
+    traces = _load(run.traces, "traces")
+    plan = _load(run.plan, "plan")
+    frontier = _load(run.frontier, "frontier")
+    results = _load(run.results, "results") or {}
+    figs = run.figures
     figs.mkdir(exist_ok=True)
     import matplotlib
 
@@ -251,6 +251,6 @@ def write_report(root: str | Path) -> Path:
     if stages:
         md += ["## Wall time", "", "| stage | seconds |", "|---|---|"]
         md += [f"| {k} | {v['wall_s']:.1f} |" for k, v in stages.items()] + [""]
-    path = root / "report.md"
+    path = run.report
     _atomic_write_bytes(path, "\n".join(md).encode())
     return path

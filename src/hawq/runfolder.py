@@ -1,4 +1,4 @@
-"""A run folder: its artifacts, the config it belongs to, and stage timings in results.json."""
+"""A run folder: its artifacts (named here, nowhere else), the config it belongs to, and results.json."""
 
 from __future__ import annotations
 
@@ -9,20 +9,33 @@ from typing import Any
 import torch
 
 from hawq import __version__
+from hawq.artifacts import read_json, write_json
 from hawq.config import RunConfig
-from hawq.io import read_json, write_json
 
 
 class RunFolder:
+    """The artifacts of a run (README: Artifacts of a run folder), by name."""
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        r = self.root
+        self.config_path = r / "config.json"  # the resolved configuration and its fingerprint
+        self.fp32 = r / "fp32.pt"  # full-precision weights
+        self.traces = r / "traces.json"  # per-layer Hessian traces
+        self.traces_partial = r / "traces.partial.pt"  # running sums of an interrupted estimation
+        self.act_traces_partial = r / "act_traces.partial.pt"  # the same for activation traces
+        self.diagonals = r / "diagonals.pt"  # curvature diagonals (--sensitivity diag)
+        self.sensitivity = r / "sensitivity.json"  # perturbations and Omega per layer and bit width
+        self.frontier = r / "frontier.json"  # the Pareto-optimal plans
+        self.plan = r / "plan.json"  # the chosen plan and the uniform ones
+        self.results = r / "results.json"  # scores, sizes, stage times, the export's check
+        self.onnx = r / "model.onnx"  # the exported plan
+        self.report = r / "report.md"
+        self.figures = r / "figures"
 
-    def path(self, name: str) -> Path:
-        return self.root / name
-
-    @property
-    def config_path(self) -> Path:
-        return self.root / "config.json"
+    def qat(self, name: str) -> Path:
+        """The fine-tuned checkpoint of plan `name` (hawq, uniform4, ...)."""
+        return self.root / "qat" / f"{name}.pt"
 
     def check_config(self, cfg: RunConfig) -> None:
         """Raise if the folder holds another run, or is a non-empty folder that is not a run at all."""
@@ -55,12 +68,11 @@ class RunFolder:
             raise ValueError(f"{self.root} is not a hawq run folder (no config.json): run `hawq run --out {self.root}`")
         return RunConfig.from_dict(read_json(self.config_path, "config"))
 
-    def results(self) -> dict[str, Any]:
-        p = self.path("results.json")
-        return read_json(p, "results") if p.exists() else {"stages": {}, "models": {}}
+    def read_results(self) -> dict[str, Any]:
+        return read_json(self.results, "results") if self.results.exists() else {"stages": {}, "models": {}}
 
     def update_results(self, *, stage: str | None = None, wall_s: float | None = None, **sections: Any) -> None:
-        res = self.results()
+        res = self.read_results()
         res.pop("kind", None)
         res.pop("version", None)
         if stage is not None:
@@ -70,4 +82,4 @@ class RunFolder:
                 res[key].update(value)
             else:
                 res[key] = value
-        write_json(self.path("results.json"), "results", res)
+        write_json(self.results, "results", res)

@@ -23,7 +23,7 @@ from hawq.alloc import (
     size_report,
     sizing_table,
 )
-from hawq.io import dumps
+from hawq.artifacts import dumps
 from hawq.quant import QuantConv2d, QuantLinear
 
 

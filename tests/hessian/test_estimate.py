@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian
 
+from hawq.artifacts import dumps
 from hawq.hessian import LayerTrace, TraceResult, estimate_traces, weights_hash
-from hawq.io import dumps
 from hawq.quant import quantizable_layers
 
 

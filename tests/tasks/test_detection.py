@@ -19,8 +19,8 @@ from hawq.data.detection_synth import (
     make_tiny_detection_set,
 )
 from hawq.data.fashion_mnist import find_data_dir
+from hawq.models.retinanet_tiny import create_detector
 from hawq.tasks.detection import (
-    create_detector,
     dense_loss,
     detection_loss,
     evaluate_map,

@@ -1,6 +1,6 @@
 """Sensitivity, Pareto frontier, exact bit allocation, size and BOPs accounting (HAWQ-V2, steps 2-3)."""
 
-from hawq.alloc.activations import activation_omega, activation_perturbations
+from hawq.alloc.activation_omega import activation_omega, activation_perturbations
 from hawq.alloc.baselines import (
     ALLOCATORS,
     eig_bound_plan,

@@ -211,7 +211,7 @@ def top_eigenvalues(
       hvp           double backward through the gradient w.r.t. that layer's weight (any network; one
                     pass per layer and iteration);
       gauss_newton  J_l^T (diag(p) - p p^T) J_l v from one class-batched backward per chunk shared by all
-                    layers (DESIGN.md: equal to the Hessian block for nets piecewise linear in each
+                    layers (docs/design.md: equal to the Hessian block for nets piecewise linear in each
                     layer's weights, with cross-entropy);
       auto          gauss_newton when the model has no curved op (hawq.hessian's check), else hvp.
     The model runs in eval mode; its flags and requires_grad come back.

@@ -29,9 +29,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from hawq.artifacts import current_umask, dumps
 from hawq.data.coco import CocoDetection
 from hawq.data.fashion_mnist import CLASSES, FILES, find_data_dir, read_idx
-from hawq.io import current_umask, dumps
 
 INK_THRESHOLD = 16  # grey levels below this count as background (Fashion-MNIST has faint stray pixels)
 _MAX_TRIES = 50  # placement attempts per item before it is left out

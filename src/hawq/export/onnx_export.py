@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hawq.artifacts import _atomic_write_bytes
 from hawq.export._view import ActMark, WeightMark, export_view
-from hawq.io import _atomic_write_bytes
 from hawq.quant import QuantConv2d, QuantLinear
 
 METADATA_KEY = "hawq.layers"

@@ -21,12 +21,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hawq.hessian import persample
-from hawq.hessian.activations import input_numels
+from hawq.hessian.accumulator import EstimationRun
+from hawq.hessian.activation_traces import input_numels
 from hawq.hessian.hutchinson import LossFn
 from hawq.hessian.methods import TraceOptions, choose
 from hawq.hessian.persample import ChunkPlan, available_memory_bytes
 from hawq.hessian.result import TraceResult
-from hawq.hessian.run import EstimationRun
 from hawq.quant import quantizable_layers
 
 _SAVE_EVERY_S = 2.0

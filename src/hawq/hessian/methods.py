@@ -1,7 +1,7 @@
 """The trace methods by name, the options of one estimation, and the `auto` rule.
 
 Every method estimates the average Hessian trace Tr(H_l)/n_l of every layer with a standard error that
-includes data sampling; they differ in what they compute per chunk of images (run.py does the step):
+includes data sampling; they differ in what they compute per chunk of images (accumulator.py does the step):
 
   exact         Gauss-Newton, every class summed (C backward vectors per image). The Hessian trace on layers
                 proved piecewise linear in their weights (curvature.py), the GN trace elsewhere.

@@ -3,7 +3,7 @@
 For a network piecewise linear in each layer's weights, with cross-entropy and softmax output p_i, the
 diagonal Hessian block of layer l equals its Gauss-Newton block, and
 
-    Tr(H_l) = (1/B) sum_i sum_c p_ic || grad_{W_l} CE(f(x_i), c) ||^2          (DESIGN.md)
+    Tr(H_l) = (1/B) sum_i sum_c p_ic || grad_{W_l} CE(f(x_i), c) ||^2          (docs/design.md)
 
 grad_{W_l} CE(f(x_i), c) = sum_t g_ict a_it^T, with g the gradient w.r.t. the layer's output at position t
 (one backward pass from the logits with grad_output p_i - e_c, which never computes weight gradients) and

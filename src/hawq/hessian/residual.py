@@ -4,7 +4,7 @@ For a loss L(z(theta)) of logits z, H = J^T (d^2 L / dz^2) J + sum_c (dL/dz_c) d
 The Gauss-Newton part G is summed exactly from per-sample gradients (persample.py); only the residual R is
 left to random probes, and R is the Hessian of s(theta) = <stop_grad(dL/dz), z(theta)>, so one
 Hessian-vector product of s per probe gives v_l . (R v)_l with no Jacobian-vector product. On a curved
-net the residual's per-probe variance is far below that of v . H v (DESIGN.md: 67-518x on a trained
+net the residual's per-probe variance is far below that of v . H v (docs/design.md: 67-518x on a trained
 GELU/LayerNorm/SiLU MLP), and Tr(G_l) + E[v_l . (R v)_l] is unbiased for Tr(H_l). Probes cover the
 curved layers only: on a layer proved piecewise linear R_ll = 0, and leaving it out of v removes its
 cross-terms from the other layers' noise.

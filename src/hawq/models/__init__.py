@@ -37,6 +37,6 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return _REGISTRY[name](**kwargs)
 
 
-from hawq.models import external, paper, resnet_cifar, squeezenext, tiny  # noqa: E402,F401  (registers the entries)
+from hawq.models import external, paper, resnet_cifar, retinanet_tiny, squeezenext, tiny  # noqa: E402,F401  (registers)
 
 __all__ = ["create_model", "list_models", "register_model"]

@@ -28,7 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    from hawq.io import load_torch
+    from hawq.artifacts import load_torch
 
     obj = load_torch(path)
     if isinstance(obj, Mapping):

@@ -1,77 +1,39 @@
-"""Detection task: RetinaNet (Lin et al., "Focal Loss for Dense Object Detection", arXiv 1708.02002) with a
-small backbone, trained and scored (COCO mAP) on the Fashion-MNIST detection set.
-
-The detector is torchvision's `RetinaNet` with a five-conv backbone (one feature map at stride 8), anchors
-of 12-48 px and a head trimmed to `head_convs` convolutions per branch. It takes two kinds of input:
-
-    model(list_of_images[, targets])   torchvision's API: losses in train mode, detections in eval mode
-    model(images)  # (B, C, H, W)      the dense head output (B, HWA, K + 4): per anchor, K class logits
-                                       then 4 box deltas, as a classifier gives logits
-
-The dense form is what `hawq.calibrate_`, `layer_macs`, the Hessian traces and export call; the loss on it
-(`dense_loss`) is RetinaNet's own: sigmoid focal loss + box regression, both twice differentiable, so
-Hutchinson probes with true Hessian-vector products apply (the Gauss-Newton identity of DESIGN.md holds for
-cross-entropy only). The box loss is smooth L1 (beta 1, i.e. quadratic for the small deltas of a trained
-model), not torchvision's default L1: L1 after a ReLU network has a zero Hessian almost everywhere, so
-every regression-head trace would be 0 and HAWQ would think those layers free to quantize.
-Labels are 1..10 as `hawq.data.coco` gives them; class 0 is unused (torchvision's convention of a
-background slot), so `num_classes = 11`.
-"""
+"""The detection task behind the pipeline's stages: RetinaNet on the Fashion-MNIST detection set, scored
+by COCO mAP (pycocotools); its loss for the traces (RetinaNet's own, on the dense head output of
+`hawq.models.retinanet_tiny`), training and scoring. The set is generated once from the Fashion-MNIST files
+into the cache."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import RetinaNet
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.retinanet import RetinaNetHead
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
+from hawq.config import RunConfig
 from hawq.data.coco import coco_map, load_coco
+from hawq.data.detection_synth import (
+    CachedDetection,
+    detection_loader,
+    load_detection_split,
+    make_detection_set,
+)
+from hawq.data.fashion_mnist import find_data_dir
+from hawq.models import create_model
+from hawq.models.retinanet_tiny import Target, TinyRetinaNet
+from hawq.tasks.base import Task
+from hawq.tasks.fp32 import cache_dir, cached_or_trained, load_state_into
 
-Target = dict[str, Tensor]
-IMAGE_MEAN, IMAGE_STD = 0.076, 0.216  # of the generated canvases (mostly background)
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """Everything that builds the detector (stored next to its weights)."""
-
-    num_classes: int = 11
-    in_channels: int = 1
-    canvas: int = 96
-    width: int = 64
-    head_convs: int = 2
-    anchor_sizes: tuple[int, ...] = (12, 20, 32, 48)
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    box_loss: str = "smooth_l1"
-
-    def __post_init__(self) -> None:
-        if self.box_loss not in ("smooth_l1", "giou", "l1"):
-            raise ValueError(f"box_loss {self.box_loss!r} is unknown: use 'smooth_l1', 'giou' or 'l1'")
-        if self.canvas % 32:
-            raise ValueError(f"canvas {self.canvas} must be a multiple of 32 (RetinaNet pads to it)")
-        if not 1 <= self.head_convs <= 4:
-            raise ValueError("head_convs must be 1..4")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DetectorConfig:
-        d = dict(d)
-        for k in ("anchor_sizes", "aspect_ratios"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
+QUICK_SET = (64, 32)  # (train, val) canvases of a --quick run
 
 
 @dataclass(frozen=True)
@@ -95,70 +57,84 @@ class TrainDefaults:
 TRAIN_DEFAULTS = TrainDefaults()
 
 
-class TinyBackbone(nn.Module):
-    """Five 3x3 conv-BN-ReLU layers; (B, C, H, W) -> (B, width, H/8, W/8)."""
-
-    stride = 8
-
-    def __init__(self, in_channels: int = 1, width: int = 64) -> None:
-        super().__init__()
-        chans = [(in_channels, 16, 2), (16, 32, 2), (32, 32, 1), (32, width, 2), (width, width, 1)]
-        self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, s, 1, bias=False) for i, o, s in chans)
-        self.bns = nn.ModuleList(nn.BatchNorm2d(o) for _, o, _ in chans)
-        self.out_channels = width
-
-    def forward(self, x: Tensor) -> Tensor:
-        for conv, bn in zip(self.convs, self.bns):
-            x = torch.relu(bn(conv(x)))
-        return x
+@dataclass
+class DetectionData:
+    train: CachedDetection
+    val: CachedDetection
 
 
-class TinyRetinaNet(RetinaNet):
-    """torchvision RetinaNet on `TinyBackbone`; a stacked image tensor gives the dense head output."""
+class DetectionTask(Task):
+    name = "detection"
+    metric = "map50"
+    metrics = ("map50", "map")
+    # AdamW on the detection set's training canvases (train_detector), from TRAIN_DEFAULTS
+    defaults = {"model": "retinanet_tiny", "epochs": TRAIN_DEFAULTS.epochs, "batch_size": TRAIN_DEFAULTS.batch_size,
+                "lr": TRAIN_DEFAULTS.lr, "ft_images": TRAIN_DEFAULTS.ft_epochs * TRAIN_DEFAULTS.n_train,
+                "ft_lr": TRAIN_DEFAULTS.ft_lr, "trace_max_images": TRAIN_DEFAULTS.trace_images}
+    refuses = {"export": "the ONNX export covers classifiers (a detector's box decoding and NMS are not exported)"}
 
-    def __init__(self, config: DetectorConfig) -> None:
-        anchors = AnchorGenerator((config.anchor_sizes,), (config.aspect_ratios,))
-        head = RetinaNetHead(config.width, anchors.num_anchors_per_location()[0], config.num_classes)
-        for branch in (head.classification_head, head.regression_head):
-            branch.conv = branch.conv[: config.head_convs]
-        head.regression_head._loss_type = config.box_loss
-        super().__init__(
-            TinyBackbone(config.in_channels, config.width), config.num_classes,
-            min_size=config.canvas, max_size=config.canvas,
-            image_mean=[IMAGE_MEAN] * config.in_channels, image_std=[IMAGE_STD] * config.in_channels,
-            anchor_generator=anchors, head=head, detections_per_img=100,
-        )
-        self.config = config
+    def load_data(self, cfg: RunConfig) -> DetectionData:
+        fmnist = find_data_dir(cfg.data_dir, cfg.download)
+        n_train, n_val = QUICK_SET if cfg.quick else (TRAIN_DEFAULTS.n_train, TRAIN_DEFAULTS.n_val)
+        root = cache_dir() / "data" / f"fmnist-detection-{n_train}-{n_val}"
+        paths = make_detection_set(root, fmnist_dir=fmnist, n_train=n_train, n_val=n_val)
+        return DetectionData(load_detection_split(paths, "train"), load_detection_split(paths, "val"))
 
-    def forward(self, images: Any, targets: list[Target] | None = None) -> Any:
-        if isinstance(images, Tensor) and images.dim() == 4 and targets is None:
-            return self.dense(images)
-        return super().forward(images, targets)
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        model = create_model(cfg.model, seed=cfg.seed)
+        if not isinstance(model, TinyRetinaNet):
+            raise ValueError(f"{cfg.model!r} is not a detector of this task: use retinanet_tiny")
+        return model
 
-    def dense(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) in [0, 1] -> (B, HWA, K + 4): class logits and box deltas of every anchor."""
-        c = self.config
-        if tuple(images.shape[-2:]) != (c.canvas, c.canvas):
-            raise ValueError(f"images are {tuple(images.shape[-2:])}, the detector takes {c.canvas}x{c.canvas}")
-        mean = images.new_tensor(self.transform.image_mean).view(1, -1, 1, 1)
-        std = images.new_tensor(self.transform.image_std).view(1, -1, 1, 1)
-        out = self.head([self.backbone((images - mean) / std)])
-        return torch.cat([out["cls_logits"], out["bbox_regression"]], dim=2)
+    def full_precision_model(self, cfg: RunConfig, data: DetectionData, progress: bool) -> tuple[nn.Module, dict]:
+        model = self.build_model(cfg)
+        if cfg.checkpoint is not None:
+            load_state_into(model, cfg.checkpoint)
+            return model.to(cfg.device).eval(), {"source": f"checkpoint {cfg.checkpoint}"}
+        epochs = 1 if cfg.quick else cfg.epochs
+        ident = {"task": "detection", "model": cfg.model, "dataset": cfg.dataset, "image_size": cfg.image_size,
+                 "n_train": len(data.train), "epochs": epochs,
+                 "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "flip": True, "algo": 1}
+        key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
-    def anchors(self, batch: int) -> list[Tensor]:
-        """Anchors (HWA, 4) xyxy of each of `batch` canvases, in the order of `dense`'s rows."""
-        c, s = self.config, self.backbone.stride
-        ref = next(self.parameters())
-        images = ImageList(ref.new_zeros(batch, c.in_channels, c.canvas, c.canvas), [(c.canvas, c.canvas)] * batch)
-        return self.anchor_generator(images, [ref.new_zeros(batch, 1, c.canvas // s, c.canvas // s)])
+        def train(m: nn.Module) -> dict:
+            loader = detection_loader(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, flip=True)
+            return {"final_loss": train_detector(m, loader, epochs=epochs, lr=cfg.lr, seed=cfg.seed,
+                                                 progress=progress)[-1]}
+
+        return cached_or_trained(model, lambda: self.build_model(cfg),
+                                 cache_dir() / "fp32" / f"{cfg.model}-detection-{key}.pt", cfg.device, train,
+                                 {"cache_key": key}, ident, retrain=cfg.retrain)
+
+    def evaluate(self, model: nn.Module, data: DetectionData, progress: bool) -> dict[str, float]:
+        scores = evaluate_map(model, detection_loader(data.val, 32), progress=progress)
+        return {"map50": 100.0 * scores["map50"], "map": 100.0 * scores["map"]}
+
+    def example_input(self, data: DetectionData) -> torch.Tensor:
+        return data.train.images[:1]
+
+    def trace_batches(self, cfg: RunConfig, data: DetectionData):
+        return hessian_batches(detection_loader(data.train, cfg.trace_batch_size, shuffle=True, seed=cfg.seed + 1))
+
+    def trace_loss(self, model: nn.Module):
+        return detection_loss_fn(model)
+
+    def fixed_layers(self, model: nn.Module, bits: int = 8) -> dict[str, int]:
+        return fixed_layers(model, bits)
+
+    def calibration_batches(self, data: DetectionData):
+        return ((data.train.images[i : i + 32],) for i in range(0, len(data.train), 32))
+
+    def finetune(self, model: nn.Module, data: DetectionData, cfg: RunConfig, n_images: int,
+                 teacher: nn.Module | None, progress: bool, desc: str) -> dict:
+        g = torch.Generator().manual_seed(cfg.seed)
+        order = torch.randperm(len(data.train), generator=g)[: min(n_images, len(data.train))].tolist()
+        epochs = max(1, round(n_images / len(data.train))) if n_images > len(data.train) else 1
+        loader = detection_loader(Subset(data.train, order), cfg.batch_size, shuffle=True, seed=cfg.seed, flip=True)
+        train_detector(model, loader, epochs=epochs, lr=cfg.ft_lr, seed=cfg.seed, progress=progress)
+        return {"n_images": len(order) * epochs, "epochs": epochs, "lr": cfg.ft_lr, "batch_size": cfg.batch_size}
 
 
-def create_detector(config: DetectorConfig | None = None, seed: int = 0, **overrides: Any) -> TinyRetinaNet:
-    """A freshly initialized detector; the same seed gives the same weights. `overrides` edit the config."""
-    config = DetectorConfig(**{**(config or DetectorConfig()).to_dict(), **overrides})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return TinyRetinaNet(config)
 
 
 def fixed_layers(model: TinyRetinaNet, bits: int = 8) -> dict[str, int]:
@@ -286,4 +262,3 @@ def evaluate_map(
     params = model.parameters() if isinstance(model, nn.Module) else iter(())
     device = next(params, torch.empty(0)).device
     return coco_map(model, loader, coco_gt, label_to_cat=label_to_cat, device=str(device), progress=progress)
-

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from hawq.artifacts import load_torch, save_torch
 from hawq.hessian.persample import ChunkPlan
 from hawq.hessian.result import LayerTrace, ResidualStats, RunningStats, TraceResult, convergence
-from hawq.io import load_torch, save_torch
 
 
 class EstimationRun:
@@ -37,7 +37,7 @@ class EstimationRun:
     def step(self, model, modules, method, x, y, loss_fn, n_probes) -> None:
         """One chunk by `method`'s step (hessian/steps/), then the counters and the history."""
         from hawq.hessian.methods import BY_NAME
-        from hawq.hessian.steps import activations
+        from hawq.hessian.steps import activation_traces as activations
 
         (activations.step if self.activations else BY_NAME[method].step)(
             self, model, modules, method, x, y, loss_fn, n_probes

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hawq.hessian.activations import act_hutchinson, act_persample
+from hawq.hessian.activation_traces import act_hutchinson, act_persample
 
 
 def step(run, model, modules, method, x, y, loss_fn, n_probes) -> None:

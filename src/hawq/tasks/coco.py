@@ -17,18 +17,17 @@ from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.image_list import ImageList
 
-from hawq.classification import load_state_into
 from hawq.config import RunConfig
 from hawq.data.coco import CocoDetection
-from hawq.detection import DetectionTask
 from hawq.models import create_model
+from hawq.tasks.detection import DetectionTask
 
 DEFAULT_SIZE = 512
 
 
 class DenseRetinaNet(RetinaNet):
     """A torchvision RetinaNet that, given a stacked (B, C, S, S) tensor, returns the dense head output
-    (B, A, K + 4) as `hawq.tasks.detection.TinyRetinaNet` does: the form traces, calibration and BOPs use."""
+    (B, A, K + 4) as `hawq.models.retinanet_tiny.TinyRetinaNet` does: the form traces, calibration and BOPs use."""
 
     def forward(self, images, targets=None):
         if isinstance(images, Tensor) and images.dim() == 4 and targets is None:
@@ -121,9 +120,6 @@ class CocoTask(DetectionTask):
         torch.manual_seed(cfg.seed)
         kw = {} if cfg.weights is None else {"weights": cfg.weights}
         return as_dense(create_model(cfg.model, num_classes=num_classes, min_size=size, max_size=size, **kw))
-
-    def load_state_into(self, model: nn.Module, path: str | Path) -> None:
-        load_state_into(model, path)
 
     def fixed_layers(self, model: nn.Module, bits: int = 8) -> dict[str, int]:
         return {"backbone.body.conv1": bits, "head.classification_head.cls_logits": bits,

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from hawq.classification import ClassificationTask, full_precision_model, load_state_into
 from hawq.config import RunConfig
 from hawq.data.imagenet import INCEPTION_IMAGE_SIZE, _subset, imagenet_folder
 from hawq.models import create_model
 from hawq.quant import decompose_attention_
+from hawq.tasks.classification import ClassificationTask, full_precision_model
 from hawq.train import evaluate
 
 QUICK_IMAGES = (256, 128)  # train, val images of a --quick run
@@ -65,9 +65,6 @@ class ImageFolderTask(ClassificationTask):
         model = create_model(cfg.model, in_channels=3, num_classes=count_classes(cfg), **kw)
         decompose_attention_(model)  # attention projections become quantizable Linear layers
         return model
-
-    def load_state_into(self, model: nn.Module, path: str | Path) -> None:
-        load_state_into(model, path)
 
     def full_precision_model(self, cfg: RunConfig, data: ImageFolderData, progress: bool) -> tuple[nn.Module, dict]:
         return full_precision_model(cfg, data, progress, build=self.build_model)
