@@ -117,8 +117,9 @@ def _ft_options(p: argparse.ArgumentParser, with_defaults: bool = True) -> None:
     g.add_argument("--bn-images", type=int, default=keep(4096),
                    help="re-estimate batch-norm statistics of the quantized model on this many training images "
                         "before evaluation and fine-tuning (default 4096; 0: keep the float statistics)")
-    g.add_argument("--act-range", choices=("minmax", "percentile", "mse"), default=keep("minmax"),
-                   help="activation range calibration (default minmax)")
+    g.add_argument("--act-range", choices=("minmax", "percentile", "mse"), default=keep("mse"),
+                   help="activation ranges: error-minimising clip of [min, max] (mse, default), 0.01%%/99.99%% "
+                        "percentiles, or min/max")
 
 
 ALLOC_KEYS = ("bits", "a_bits", "quantize_first_last", "budget_mb", "compression", "budget_bits",

@@ -89,7 +89,7 @@ class RunConfig:
     # post-training steps (hawq.train.ptq), applied before the "before fine-tuning" score and before fine-tuning
     weight_range: str = "mse"  # per-channel weight clip: "mse" (error-minimising) or "max"
     bn_images: int = 4096  # batch-norm statistics re-estimated on this many training images (0: float ones)
-    act_range: str = "minmax"  # activation ranges: "minmax", "percentile" or "mse"
+    act_range: str = "mse"  # activation ranges: "mse" (error-minimising clip), "percentile" or "minmax"
     baselines: tuple[int, ...] = (8, 4, 3)
     quick: bool = False
     device: str = "cpu"

@@ -82,8 +82,9 @@ class DetectionTask(Task):
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
         model = create_model(cfg.model, seed=cfg.seed)
-        if not isinstance(model, TinyRetinaNet):
-            raise ValueError(f"{cfg.model!r} is not a detector of this task: use retinanet_tiny")
+        if not all(callable(getattr(model, m, None)) for m in ("dense", "anchors", "compute_loss")):
+            raise ValueError(f"{cfg.model!r} is not a detector of this task (a RetinaNet with the dense(images) and "
+                             "anchors(batch) of hawq.models.retinanet_tiny.TinyRetinaNet): use retinanet_tiny")
         return model
 
     def full_precision_model(self, cfg: RunConfig, data: DetectionData, progress: bool) -> tuple[nn.Module, dict]:

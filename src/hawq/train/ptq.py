@@ -36,7 +36,7 @@ class PostTrainConfig:
 
     weight_range: str = "mse"
     bn_images: int = 4096  # 0: keep the float running statistics
-    act_range: str = "minmax"
+    act_range: str = "mse"
     bias_correction: bool = True  # only for models without batch norm
     calib_batches: int = 8
 
