@@ -15,6 +15,11 @@ from torch import Tensor, nn
 from hawq.quant.primitives import check_bits, check_weight_range, fake_quant_activation, fake_quant_weight
 
 
+# Keep the quantized weight between gradient-free forwards (`quant_weight`); bench/weight_cache.py turns it off
+# to measure what it saves.
+CACHE_QUANTIZED_WEIGHTS = True
+
+
 class _QuantMixin:
     w_bits: int | None
     a_bits: int | None
@@ -50,7 +55,20 @@ class _QuantMixin:
 
     def quant_weight(self) -> Tensor:
         w = self.weight
-        return w if self.w_bits is None else fake_quant_weight(w, self.w_bits, self.w_range)
+        if self.w_bits is None:
+            return w
+        if torch.is_grad_enabled() or not CACHE_QUANTIZED_WEIGHTS:
+            return fake_quant_weight(w, self.w_bits, self.w_range)
+        # Without gradients (evaluation, calibration, batch-norm re-estimation, export checks) the quantized
+        # weight is kept until the weight changes: every in-place change (optimizer step, load_state_dict,
+        # copy_) bumps its version counter, and a new tensor has another storage. The clip search then runs
+        # once per weight, not once per batch (bench/weight_cache.py).
+        key = (w.data_ptr(), w._version, w.dtype, w.device, self.w_bits, self.w_range)
+        cached = self.__dict__.get("_wq_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, fake_quant_weight(w, self.w_bits, self.w_range))
+            self.__dict__["_wq_cache"] = cached
+        return cached[1]
 
     @classmethod
     def from_float(cls, layer: nn.Module, w_bits: int | None, a_bits: int | None = None, w_range: str = "mse"):
@@ -69,7 +87,7 @@ class _QuantMixin:
         layer.__dict__.update(self.__dict__)
         layer._parameters = dict(self._parameters)
         layer._buffers = {k: v for k, v in self._buffers.items() if k not in ("act_min", "act_max")}
-        for k in ("w_bits", "a_bits", "w_range", "calibrating"):
+        for k in ("w_bits", "a_bits", "w_range", "calibrating", "_wq_cache"):
             layer.__dict__.pop(k, None)
         return layer
 
