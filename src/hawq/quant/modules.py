@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 from hawq.quant.primitives import check_bits, check_weight_range, fake_quant_activation, fake_quant_weight
 
-
 # Keep the quantized weight between gradient-free forwards (`quant_weight`); bench/weight_cache.py turns it off
 # to measure what it saves.
 CACHE_QUANTIZED_WEIGHTS = True
