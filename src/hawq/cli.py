@@ -48,7 +48,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help=f"registered model name ({_per_task('model')}), torchvision:NAME "
                         "(any torchvision classification model) or path/to/file.py:function (your own builder)")
-    g.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(dataset_names())}")
+    g.add_argument("--dataset", default=None,
+                   help=f"one of {', '.join(dataset_names())} (default: the task's first, fashion_mnist)")
     g.add_argument("--data-dir", default=None, help="folder with the data files (default: Debian package folder)")
     g.add_argument("--download", action="store_true", help="download the data set if it is not found")
     g.add_argument("--seed", type=int, default=d.seed)

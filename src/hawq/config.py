@@ -50,7 +50,7 @@ IDENTITY_FIELDS = (
 class RunConfig:
     task: str = "classification"
     model: str | None = None  # None: the task's default (resnet20; retinanet_tiny for detection)
-    dataset: str = "fashion_mnist"
+    dataset: str | None = None  # None: the task's first data set (fashion_mnist; lm: python_stdlib)
     data_dir: str | None = None
     download: bool = False
     seed: int = 0
@@ -100,6 +100,8 @@ class RunConfig:
         for key, value in task_defaults(self.task).items():  # each task's defaults live with the task
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
+        if self.dataset is None and self.task in task_names():
+            object.__setattr__(self, "dataset", dataset_names(self.task)[0])
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"unknown device {self.device!r}: use cpu or cuda[:N]")
         if self.task not in task_names():

@@ -389,7 +389,8 @@ def stage_finetune(ctx: Context, data: Any, model: nn.Module | None = None) -> d
         qmodel = quantized_copy(task, fp32, plan, data, cfg)  # fine-tuning starts from the post-trained model
         before = task.evaluate(qmodel, data, progress=ctx.progress)
         ft, skipped = {}, None
-        if reference is not None and before[task.metric] >= reference - cfg.ft_skip_within:
+        lost = (reference - before[task.metric]) * (1 if task.higher_is_better else -1) if reference is not None else 0
+        if reference is not None and lost <= cfg.ft_skip_within:
             skipped = (f"within {cfg.ft_skip_within:g} points of full precision ({reference:.2f}) before "
                        "fine-tuning (--ft-skip-within)")
         if ft_images > 0 and skipped is None:

@@ -37,6 +37,6 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return _REGISTRY[name](**kwargs)
 
 
-from hawq.models import external, paper, resnet_cifar, retinanet_tiny, squeezenext, tiny  # noqa: E402,F401  (registers)
+from hawq.models import char_gpt, external, paper, resnet_cifar, retinanet_tiny, squeezenext, tiny  # noqa: E402,F401
 
 __all__ = ["create_model", "list_models", "register_model"]

@@ -4,6 +4,7 @@
     classification / imagenet        ImageFolderTask    (tasks/imagefolder.py: any ImageFolder tree)
     detection / fashion_mnist        DetectionTask      (tasks/detection.py: the generated detection set)
     detection / coco                 CocoTask           (tasks/coco.py)
+    lm / python_stdlib               LanguageModelTask  (tasks/lm.py: bytes of text files, perplexity)
 
 A new task is one file: a `Task` subclass (tasks/base.py states the contract) registered with
 `register_task("name", "dataset", cls)`; `hawq run --task name --dataset dataset` then runs it.
@@ -21,6 +22,7 @@ _BUILTIN = {
     ("classification", "imagenet"): "hawq.tasks.imagefolder:ImageFolderTask",
     ("detection", "fashion_mnist"): "hawq.tasks.detection:DetectionTask",
     ("detection", "coco"): "hawq.tasks.coco:CocoTask",
+    ("lm", "python_stdlib"): "hawq.tasks.lm:LanguageModelTask",
 }
 _REGISTRY: dict[tuple[str, str], type[Task] | str] = dict(_BUILTIN)
 _INSTANCES: dict[tuple[str, str], Task] = {}

@@ -24,6 +24,7 @@ class Task(ABC):
     name: ClassVar[str] = "task"
     metric: ClassVar[str] = "score"  # the score of `evaluate` the results compare (higher is better)
     metrics: ClassVar[tuple[str, ...]] = ("score",)
+    higher_is_better: ClassVar[bool] = True  # of `metric` (perplexity: False)
     # RunConfig fields the task sets when the command line leaves them unset; a subclass's dict is laid over
     # these (hawq.tasks.task_defaults)
     defaults: ClassVar[dict[str, Any]] = {"epochs": 1, "batch_size": 64, "lr": 0.01, "ft_images": 1024,
