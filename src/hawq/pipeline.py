@@ -267,10 +267,9 @@ def _log_traces(ctx: Context, result) -> None:
                 f"{result.n_images} images: raise --trace-max-images for sharper traces")
 
 
-def _trace_means(ctx: Context) -> dict[str, float]:
-    """Average traces per layer from traces.json; negative ones (a non-convex loss away from a minimum) count as 0
-    in Omega = Tr/n * ||dW||^2, with a warning."""
-    traces = read_json(ctx.run.traces, "traces")
+def _trace_means(ctx: Context, traces: dict) -> dict[str, float]:
+    """Average traces per layer of traces.json's content; negative ones (a non-convex loss away from a minimum)
+    count as 0 in Omega = Tr/n * ||dW||^2, with a warning."""
     means = {row["fqn"]: row["trace"] for row in traces["layers"]}
     negative = sorted(k for k, v in means.items() if v < 0)
     if negative:
@@ -296,12 +295,11 @@ def _weight_only_plan(cfg: RunConfig, table: SensitivityTable, budget: float) ->
     return best_plan(table, budget if size_budget_applies(cfg) else None, a_bits=cfg.a_bits, budget_bops=_gbops(cfg))
 
 
-def _joint_plan(ctx: Context, data: Any, model: nn.Module, table: SensitivityTable, budget: float,
+def _joint_plan(ctx: Context, data: Any, model: nn.Module, traces: dict, table: SensitivityTable, budget: float,
                 table_dict: dict, frontier_doc: dict) -> tuple[Plan, dict]:
     """Weight and activation bits together (--a-bits-options); adds the activation Omega to `table_dict` and
     the BOPs frontier to `frontier_doc`. Returns the plan and the activation Omega."""
     cfg = ctx.cfg
-    traces = read_json(ctx.run.traces, "traces")
     act_traces = {r["fqn"]: r["trace"] for r in traces["activations"]["layers"]}
     pert = activation_perturbations(model, ctx.task.calibration_batches(data), list(table.fqns), cfg.a_bits_options)
     act_omega = activation_omega(act_traces, pert)
@@ -319,7 +317,8 @@ def stage_allocate(ctx: Context, data: Any, model: nn.Module | None = None) -> P
     cfg = ctx.cfg
     model = model if model is not None else load_fp32(ctx)
     example = ctx.task.example_input(data)
-    table = sensitivity_table(model, _trace_means(ctx), bits=cfg.w_bits, fixed=_fixed(cfg, model, example),
+    traces = read_json(ctx.run.traces, "traces")
+    table = sensitivity_table(model, _trace_means(ctx, traces), bits=cfg.w_bits, fixed=_fixed(cfg, model, example),
                               diagonals=_diagonals(ctx), example_input=example.to(cfg.device),
                               weight_range=cfg.weight_range)
     table_dict = table.to_dict()
@@ -328,7 +327,7 @@ def stage_allocate(ctx: Context, data: Any, model: nn.Module | None = None) -> P
     budget = budget_bytes(cfg, table)
     frontier_doc = {"fqns": list(table.fqns), "points": [{"plan_id": i, **p.to_dict()} for i, p in enumerate(frontier)]}
     if cfg.a_bits_options:
-        plan, act_omega = _joint_plan(ctx, data, model, table, budget, table_dict, frontier_doc)
+        plan, act_omega = _joint_plan(ctx, data, model, traces, table, budget, table_dict, frontier_doc)
         uniform_a = max(cfg.a_bits_options)
     else:
         plan, act_omega, uniform_a = _weight_only_plan(cfg, table, budget), None, cfg.a_bits
@@ -389,8 +388,8 @@ def stage_finetune(ctx: Context, data: Any, model: nn.Module | None = None) -> d
         qmodel = quantized_copy(task, fp32, plan, data, cfg)  # fine-tuning starts from the post-trained model
         before = task.evaluate(qmodel, data, progress=ctx.progress)
         ft, skipped = {}, None
-        lost = (reference - before[task.metric]) * (1 if task.higher_is_better else -1) if reference is not None else 0
-        if reference is not None and lost <= cfg.ft_skip_within:
+        lost = None if reference is None else (reference - before[task.metric]) * (1 if task.higher_is_better else -1)
+        if lost is not None and lost <= cfg.ft_skip_within:
             skipped = (f"within {cfg.ft_skip_within:g} points of full precision ({reference:.2f}) before "
                        "fine-tuning (--ft-skip-within)")
         if ft_images > 0 and skipped is None:
@@ -484,8 +483,8 @@ def summary_lines(results: dict, quick: bool) -> list[str]:
     """The end of a run on the terminal: the wall time of every stage and the total, and what --quick means."""
     order = ("fp32", "trace", "allocate", "finetune", "evaluate", "export", "report")
     done = results.get("stages", {})
-    stages = ", ".join(f"{k} {_secs(done[k]['wall_s'])}" for k in sorted(done, key=lambda k: (k not in order,
-                       order.index(k) if k in order else 0, k)) if "wall_s" in done[k])
+    ranked = sorted(done, key=lambda k: order.index(k) if k in order else len(order))
+    stages = ", ".join(f"{k} {_secs(done[k]['wall_s'])}" for k in ranked if "wall_s" in done[k])
     lines = [f"wall time: {stages}; total {_secs(results.get('total_wall_s', 0))}"]
     return lines + ([QUICK_NOTE] if quick else [])
 

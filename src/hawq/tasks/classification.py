@@ -87,24 +87,25 @@ def full_precision_model(
         full = cfg.replace(quick=False)
         tcfg = fp_train_config(full, len(data.train_all))
         name = cache_file_name(full, cache_key(full, tcfg, len(data.train_all)))
-        for path in (cache_dir() / "fp32" / name, fp32.bundled_model(name, data.train_all)):
-            if path is not None and path.exists():
-                try:
-                    load_state_into(model, path)
-                except ValueError:
-                    model = build(cfg)
-                    continue
-                return model.to(cfg.device).eval(), {"source": f"{fp32.source_of(path)} (the full run's model)",
-                                                     "train": tcfg.to_dict()}
+        model, path = fp32.load_first(model, lambda: build(cfg), _cached_or_bundled(name, data.train_all), warn=False)
+        if path is not None:
+            return model.to(cfg.device).eval(), {"source": f"{fp32.source_of(path)} (the full run's model)",
+                                                 "train": tcfg.to_dict()}
     tcfg = fp_train_config(cfg, len(data.train))
     key = cache_key(cfg, tcfg, len(data.train))
     name = cache_file_name(cfg, key)
-    cached = cache_dir() / "fp32" / name
+    cached, bundled = _cached_or_bundled(name, data.train) if not cfg.retrain else (cache_dir() / "fp32" / name, None)
     return fp32.cached_or_trained(
         model, lambda: build(cfg), cached, cfg.device,
         lambda m: train_data_parallel(m, data.train, tcfg, progress=progress, desc="train fp32"),
-        {"cache_key": key, "train": tcfg.to_dict()}, tcfg.to_dict(),
-        bundled=None if cfg.retrain else fp32.bundled_model(name, data.train), retrain=cfg.retrain)
+        {"cache_key": key, "train": tcfg.to_dict()}, tcfg.to_dict(), bundled=bundled, retrain=cfg.retrain)
+
+
+def _cached_or_bundled(name: str, train: TensorDataset) -> tuple[Path, Path | None]:
+    """The cache file `name`, and the bundled model of that name trained on `train` when the cache has none
+    (the data's fingerprint is only computed then)."""
+    cached = cache_dir() / "fp32" / name
+    return cached, None if cached.exists() else fp32.bundled_model(name, train)
 
 
 def cache_file_name(cfg: RunConfig, key: str) -> str:

@@ -64,22 +64,32 @@ def source_of(path: Path) -> str:
     return f"bundled {path.name}" if path.parent == BUNDLED_DIR else f"cache {path}"
 
 
+def load_first(model: nn.Module, rebuild, paths, warn: bool = True) -> tuple[nn.Module, Path | None]:
+    """`model` holding the first of `paths` that loads (None entries and missing files skipped), and that path;
+    (a fresh `rebuild()` model, None) when none does. A file that does not load is named on stderr (`warn`)."""
+    for path in paths:
+        if path is None or not path.exists():
+            continue
+        try:
+            load_state_into(model, path)
+            return model, path
+        except ValueError as e:
+            if warn:
+                kind = "bundled" if path.parent == BUNDLED_DIR else "cached"
+                print(f"hawq: ignoring the {kind} model ({e}); training again", file=sys.stderr)
+            model = rebuild()
+    return model, None
+
+
 def cached_or_trained(model: nn.Module, rebuild, cached: Path, device, train_fn, record: dict,
                       train_record, bundled: Path | None = None, retrain: bool = False) -> tuple[nn.Module, dict]:
     """The model from the cache file `cached` when it loads, else from the `bundled` checkpoint, else trained
     by `train_fn(model)` (which returns a dict of statistics) and saved in the cache atomically. `retrain`
     skips both. `rebuild()` makes a fresh model after a failed load; `record` goes into the returned record,
     `train_record` into the cache file."""
-    for path in () if retrain else (cached, bundled):
-        if path is None or not path.exists():
-            continue
-        try:
-            load_state_into(model, path)
-            return model.to(device).eval(), {"source": source_of(path), **record}
-        except ValueError as e:
-            kind = "bundled" if path.parent == BUNDLED_DIR else "cached"
-            print(f"hawq: ignoring the {kind} model ({e}); training again", file=sys.stderr)
-            model = rebuild()
+    model, path = load_first(model, rebuild, () if retrain else (cached, bundled))
+    if path is not None:
+        return model.to(device).eval(), {"source": source_of(path), **record}
     model.to(device)
     stats = train_fn(model)
     save_torch(cached, {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "train": train_record})
