@@ -164,6 +164,21 @@ class Evaluator:
         self.after: dict = {}
         self.ft_s: list[float] = []
         self.eval_s: list[float] = []
+        # scores kept on disk, so that a stopped run resumes where it was (same weights and settings)
+        ident = [weights_hash(fp32), a.ptq, post_train_config(a.ptq).to_dict(), a.ft_images, a.test_images, 1]
+        key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        self.store = Path(a.work_dir) / f"scores-{key}.json"
+        if self.store.exists():
+            saved = json.loads(self.store.read_text())
+            self.before = saved["before"]
+            self.after = {tuple(json.loads(k)): v for k, v in saved["after"].items()}
+
+    def _save(self) -> None:
+        self.store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.store.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"before": self.before,
+                                   "after": {json.dumps(list(k)): v for k, v in self.after.items()}}))
+        os.replace(tmp, self.store)
 
     def __call__(self, plan, seed: int, finetune: bool = True) -> tuple[float, float | None]:
         key, model = json.dumps([plan.w_bits, plan.a_bits], sort_keys=True), None
@@ -172,6 +187,7 @@ class Evaluator:
             t0 = time.perf_counter()
             self.before[key] = evaluate(model, self.test)
             self.eval_s.append(time.perf_counter() - t0)
+            self._save()
         if not finetune:
             return self.before[key], None
         if (key, seed) not in self.after:
@@ -181,6 +197,7 @@ class Evaluator:
             train(model, self.data.train, cfg, progress=False)
             self.ft_s.append(time.perf_counter() - t0)
             self.after[(key, seed)] = evaluate(model, self.test)
+            self._save()
         return self.before[key], self.after[(key, seed)]
 
 
@@ -401,8 +418,8 @@ def ptq_line(ptq: str) -> str:
         return ("- Post-training steps (`hawq.train.ptq`), before the \"before FT\" score and before fine-tuning: "
                 "every weight channel clipped at the ratio of its largest magnitude that minimises ||Q(W)−W||² "
                 "(grid 1.00, 0.99, ..., 0.06), and batch-norm running statistics re-estimated in train mode on the "
-                "first 4096 training images, weights frozen; activations (4-bit tables) min/max-calibrated on 2048 "
-                "training images before and after. Omega and ||Q(W)−W||² are those of the clipped quantizer.")
+                "first 4096 training images, weights frozen; activation ranges (4-bit tables) on 2048 training images "
+                "before and after, each the clip of [min, max] that minimises the mean squared error of Q(x). Omega and ||Q(W)−W||² are those of the clipped quantizer.")
     return ("- No post-training steps: weights scaled by each channel's largest magnitude, batch-norm statistics "
             "of the float model; activations (4-bit tables) min/max-calibrated on 2048 training images.")
 
