@@ -453,11 +453,17 @@ def stage_export(ctx: Context, data: Any) -> dict:
     report = export_onnx(qmodel, ctx.run.onnx, example)
     verified = verify_onnx(report.path, qmodel, ctx.task.export_batches(data), progress=ctx.progress)
     sizes = size_breakdown(report.path)
+    scores = ctx.task.export_scores(verified) if verified.torch_cross_entropy is not None else {}
     out = {**report.to_dict(), "verify": verified.to_dict(), "size": sizes, "computed_size_bytes": plan.size_bytes}
+    if scores:
+        out["scores"] = {"metric": ctx.task.metric, **scores}
     ctx.run.update_results(stage="export", wall_s=time.perf_counter() - t0, export=out)
     top1 = "" if verified.onnx_top1 is None else f", onnxruntime top-1 {100 * verified.onnx_top1:.2f}%"
+    metric = "" if not scores else (f", {ctx.task.metric} PyTorch {scores['torch']:.4f} onnxruntime "
+                                    f"{scores['onnx']:.4f}")
     ctx.log(f"export: {report.path} ({sizes['file_size_bytes']} bytes, allocator {plan.size_bytes:.0f} bytes); "
-            f"top-1 agreement {100 * verified.top1_agreement:.2f}%{top1}")
+            f"top-1 agreement {100 * verified.top1_agreement:.2f}% of {verified.n_predictions} predictions"
+            f"{top1}{metric}")
     return out
 
 

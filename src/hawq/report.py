@@ -151,6 +151,11 @@ def _results_table(results: dict, plan: dict | None) -> list[str]:
     return lines
 
 
+def _positions(v: dict) -> str:
+    n = v.get("n_predictions")
+    return "" if n is None or n == v["n_samples"] else f" ({n:,} predictions: every position of every sequence)"
+
+
 def _export_section(exp: dict, plan: dict | None) -> list[str]:
     v, sz = exp["verify"], exp["size"]
     float_bytes = sz.get("float_param_bytes", 0)
@@ -159,10 +164,13 @@ def _export_section(exp: dict, plan: dict | None) -> list[str]:
              f"`{Path(exp['path']).name}`, opset {exp['opset']}: {sz['file_size_bytes']:,} bytes on disk; the "
              f"allocator's size is {computed:,.0f} bytes (quantized weights at their bits, every other parameter "
              f"at 32 bits). Checked in onnxruntime against the PyTorch fake-quantized model on "
-             f"{v['n_samples']} inputs: top-1 agreement {100 * v['top1_agreement']:.2f}%, max |logit difference| "
-             f"{v['max_abs_diff']:.3g}, mean {v['mean_abs_diff']:.3g}."]
+             f"{v['n_samples']} inputs{_positions(v)}: top-1 agreement {100 * v['top1_agreement']:.2f}%, max |logit "
+             f"difference| {v['max_abs_diff']:.3g}, mean {v['mean_abs_diff']:.3g}."]
     if v.get("onnx_top1") is not None:
         lines[-1] += (f" Accuracy: onnxruntime {100 * v['onnx_top1']:.2f}%, PyTorch {100 * v['torch_top1']:.2f}%.")
+    if exp.get("scores"):
+        sc = exp["scores"]
+        lines[-1] += f" {sc['metric']}: onnxruntime {sc['onnx']:.4f}, PyTorch {sc['torch']:.4f}."
     lines += ["", "| part of the file | bytes |", "|---|---|"]
     for key, label in (("int_weight_bytes", "packed integer weights"),
                        ("container_padding_bytes", "of which padding (whole bytes per layer, 1-bit in INT2)"),

@@ -83,3 +83,12 @@ def test_layer_macs_and_mode(cnn):
 def test_bad_input_is_value_error(cnn, kwargs, match):
     with pytest.raises(ValueError, match=match):
         sensitivity_table(cnn, **kwargs)
+
+
+def test_layer_macs_count_every_position_of_a_sequence():
+    # BOPs of a language model are per sequence: a Linear on (B, T, C) inputs does T * in * out MACs
+    model = hawq.create_model("char_gpt", context=16, d=32, layers=1, heads=2)
+    macs = layer_macs(model, torch.randint(0, 256, (3, 16)))
+    t = 16
+    assert macs == {"blocks.0.qkv": t * 32 * 96, "blocks.0.proj": t * 32 * 32, "blocks.0.fc1": t * 32 * 128,
+                    "blocks.0.fc2": t * 128 * 32, "head": t * 32 * 256}

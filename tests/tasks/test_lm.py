@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
+import pytest
 import torch
 
 from hawq.cli import main
@@ -30,7 +29,7 @@ def test_text_is_split_by_file_and_windows_predict_the_next_byte(tmp_path):
     assert x.shape == y.shape == (8, CONTEXT) and torch.equal(x[:, 1:], y[:, :-1])
 
 
-def test_lm_task_runs_every_stage_with_perplexity(tmp_path):
+def test_lm_task_runs_every_stage_with_perplexity(tmp_path, capsys):
     text = _text_folder(tmp_path / "text")
     out = tmp_path / "run"
     args = ["run", "--quiet", "--task", "lm", "--quick", "--data-dir", str(text), "--out", str(out),
@@ -49,6 +48,16 @@ def test_lm_task_runs_every_stage_with_perplexity(tmp_path):
     assert "ft_skipped" not in m["uniform2"] and "ft_skipped" in m["uniform8"]  # 2 bits cost perplexity, 8 not
     for cmd in ("evaluate", "report"):
         assert main([cmd, "--quiet", "--out", str(out)]) == 0
-    proc = subprocess.run([sys.executable, "-m", "hawq.cli", "export", "--out", str(out)], capture_output=True,
-                          text=True)
-    assert proc.returncode == 2 and "cannot run the export stage" in proc.stderr and not (out / "model.onnx").exists()
+    # export: onnxruntime's next-byte logits against PyTorch's at every position of the validation windows
+    capsys.readouterr()
+    assert main(["export", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    exp = json.loads((out / "results.json").read_text())["export"]
+    v, n_val = exp["verify"], len(load_text(RunConfig(task="lm", data_dir=str(text), quick=True)).val)
+    assert (out / "model.onnx").exists() and v["n_samples"] == n_val and v["n_predictions"] == n_val * CONTEXT
+    assert v["top1_agreement"] >= 0.999 or v["onnx_float64_mean_abs_diff"] is not None  # or within round-off
+    assert f"top-1 agreement {100 * v['top1_agreement']:.2f}% of {n_val * CONTEXT} predictions" in err
+    sc = exp["scores"]  # perplexity from each side's logits; PyTorch's is the task's own evaluation of the plan
+    assert sc["metric"] == "ppl" and sc["onnx"] == pytest.approx(sc["torch"], rel=1e-5)
+    assert sc["torch"] == pytest.approx(m["hawq"]["ppl"], rel=1e-5)
+    assert "ppl: onnxruntime" in (out / "report.md").read_text()

@@ -5,7 +5,8 @@ placeholders are then lowered to DequantizeLinear over INT8 / INT4 / INT2 initia
 3/5/6/7-bit bytes with an in-graph decoder (`_pack.py`), and to [Clip] -> QuantizeLinear ->
 DequantizeLinear on layer inputs (`_graph.py`); batch norm is folded into the preceding convolution. The
 opset is the lowest that holds the plan's weight types: 13 when no weight has 1, 2 or 4 bits, 21 when
-one has 4 bits (INT4), 25 when one has 1-2 bits (INT2). `onnx.checker` runs on the result, and
+one has 4 bits (INT4), 25 when one has 1-2 bits (INT2); or the lowest from which the exporter has every
+operator of the model, if that is higher (a causal mask's `triu`: 14). `onnx.checker` runs on the result, and
 onnxruntime's logits on the example input are compared with the PyTorch model's.
 
 The file's metadata `hawq.layers` maps every quantized layer's fqn to [n_params, w_bits, a_bits, name of
@@ -97,6 +98,20 @@ def _trace(view: nn.Module, example_input: Tensor, opset: int) -> bytes:
     return buf.getvalue()
 
 
+def _trace_from(view: nn.Module, example_input: Tensor, opset: int, search: bool) -> tuple[bytes, int]:
+    """Trace at `opset`; with `search` (no opset asked for), an operator the exporter has only from a later opset
+    (`triu` of a causal attention mask: 14) moves the trace up one opset at a time, to the exporter's maximum."""
+    from torch.onnx.errors import UnsupportedOperatorError
+
+    while True:
+        try:
+            return _trace(view, example_input, opset), opset
+        except UnsupportedOperatorError:
+            if not search or opset >= _EXPORTER_MAX_OPSET:
+                raise
+            opset += 1
+
+
 def _failing_layer(view: nn.Module, example_input: Tensor, opset: int) -> tuple[str, str] | None:
     """(fqn, type) of the innermost module that cannot be traced to ONNX on its own, if one is found."""
     from hawq.export._view import _MarkedLayer
@@ -154,13 +169,16 @@ def export_onnx(
 
     view, marks = export_view(model)
     need, who = required_opset(marks)
+    search = opset is None
     if opset is None:
         opset = need
     elif opset < need:
         raise ValueError(f"layer {who!r} needs ONNX opset {need} for its bit widths; pass opset >= {need}")
     base = min(opset, _EXPORTER_MAX_OPSET)
     try:
-        proto = onnx.load_from_string(_trace(view, example_input, base))
+        data, base = _trace_from(view, example_input, base, search)
+        proto = onnx.load_from_string(data)
+        opset = max(opset, base)
     except Exception as e:
         bad = _failing_layer(view, example_input, base)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

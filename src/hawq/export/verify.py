@@ -12,6 +12,11 @@ int32 at scale s_x * s_w (mean |logit diff| from float64: ResNet-20 3.5-4.5x PyT
 1.33x: 0.607 against 0.458 on 128 images, where top-1 agreement was 92.97%). So when top-1 agreement
 falls short, `verify_onnx` measures that round-off on the first inputs and fails only if onnxruntime is
 further from the float64 model than `ROUNDOFF_FACTOR` times PyTorch float32 is.
+
+Outputs: (B, C) logits, one prediction per input, or (B, T, V) sequence logits (a language model's next-token
+logits), flattened to (B*T, V): one prediction per position, agreement, accuracy and cross-entropy over all
+B*T, labels (B, T). The round-off measurement keeps the first `ROUNDOFF_IMAGES` inputs (whole sequences).
+Inputs go to onnxruntime in the graph input's type: float32 images, int64 token ids.
 """
 
 from __future__ import annotations
@@ -46,27 +51,64 @@ def ort_session(model: str | Path | bytes, *, threads: int | None = None):
     return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+# onnxruntime's input type names -> numpy; anything else is fed as float32
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+               "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
 def run_onnx(model: str | Path | bytes, x: np.ndarray, session=None) -> np.ndarray:
+    """The first output of `model` on `x`, cast to the graph input's type (int64 for token ids)."""
     sess = session if session is not None else ort_session(model)
-    return sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    inp = sess.get_inputs()[0]
+    dtype = np.dtype(_ORT_DTYPES.get(inp.type, np.float32))
+    x = np.asarray(x)
+    if dtype.kind in "iub" and x.dtype.kind == "f":
+        raise ValueError(f"the ONNX model's input is {inp.type} (e.g. token ids) but got {x.dtype} values: pass "
+                         "the integer tensor itself")
+    return sess.run(None, {inp.name: np.ascontiguousarray(x, dtype=dtype)})[0]
+
+
+def predictions(logits: np.ndarray) -> np.ndarray:
+    """The argmax over the last axis, one per prediction: (B, C) -> (B,), (B, T, V) -> (B*T,)."""
+    if logits.ndim not in (2, 3):
+        raise ValueError(f"outputs of shape {tuple(logits.shape)} are neither (B, C) logits nor (B, T, V) "
+                         "sequence logits: the ONNX check compares only those")
+    return logits.argmax(-1).reshape(-1)
+
+
+def cross_entropy_sum(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Summed cross-entropy (nats, float64) of (B, C) or (B, T, V) logits against (B,) or (B, T) labels."""
+    z = logits.astype(np.float64).reshape(-1, logits.shape[-1])
+    top = z.max(axis=1)
+    lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+    return float((lse - z[np.arange(len(z)), labels.reshape(-1)]).sum())
 
 
 def compare_logits(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """max / mean |difference| and top-1 agreement over every prediction ((B, C) or (B, T, V); else nan)."""
     diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
-    agree = float(np.mean(ref.argmax(axis=1) == out.argmax(axis=1))) if ref.ndim == 2 else float("nan")
+    agree = float(np.mean(predictions(ref) == predictions(out))) if ref.ndim in (2, 3) else float("nan")
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "top1_agreement": agree}
 
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """onnxruntime against the PyTorch (fake-quantized) model on the same inputs; accuracies in 0..1."""
+    """onnxruntime against the PyTorch (fake-quantized) model on the same inputs; accuracies in 0..1.
 
-    n_samples: int
+    Agreement, accuracies and cross-entropies are over predictions: one per input of (B, C) outputs, one per
+    position of (B, T, V) ones (n_predictions = B*T summed over the batches).
+    """
+
+    n_samples: int  # inputs (images, sequences)
     max_abs_diff: float
     mean_abs_diff: float
     top1_agreement: float
     torch_top1: float | None  # accuracy, when the batches carry labels
     onnx_top1: float | None
+    n_predictions: int | None = None  # None in reports written before sequences were checked
+    torch_cross_entropy: float | None = None  # mean nats per labeled prediction; exp() of it is the perplexity
+    onnx_cross_entropy: float | None = None
     # measured only when top1_agreement is short (module docstring), on the first roundoff_images inputs:
     # PyTorch float32 vs the model in float64 (mean |logit diff|, top-1 agreement), onnxruntime vs float64
     roundoff_images: int = 0
@@ -102,8 +144,8 @@ def verify_onnx(
     n_kept = 0
     was_training = model.training
     model.eval()
-    n = n_agree = n_torch_ok = n_onnx_ok = n_labeled = 0
-    max_diff, sum_diff, n_values = 0.0, 0.0, 0
+    n = n_pred = n_agree = n_torch_ok = n_onnx_ok = n_labeled = 0
+    max_diff, sum_diff, n_values, nll_torch, nll_onnx = 0.0, 0.0, 0, 0.0, 0.0
     try:
         for i, batch in enumerate(tqdm(batches, desc="onnxruntime check", disable=not progress)):
             if n_batches is not None and i >= n_batches:
@@ -118,20 +160,26 @@ def verify_onnx(
                 k = ROUNDOFF_IMAGES - n_kept
                 kept.append((x[:k].clone(), ref[:k], out[:k]))  # a copy: not the whole batch
                 n_kept += len(kept[-1][0])
-            p_ref, p_out = ref.argmax(1), out.argmax(1)
-            n, n_agree = n + len(x), n_agree + int((p_ref == p_out).sum())
+            p_ref, p_out = predictions(ref), predictions(out)
+            n, n_pred, n_agree = n + len(x), n_pred + len(p_ref), n_agree + int((p_ref == p_out).sum())
             if y is not None:
-                y = np.asarray(y)
+                y = np.asarray(y).reshape(-1)
+                if len(y) != len(p_ref):
+                    raise ValueError(f"{len(y)} labels for {len(p_ref)} predictions of outputs {ref.shape}: "
+                                     "label (B, C) logits by (B,) classes, (B, T, V) ones by (B, T) tokens")
                 n_labeled += len(y)
                 n_torch_ok, n_onnx_ok = n_torch_ok + int((p_ref == y).sum()), n_onnx_ok + int((p_out == y).sum())
+                nll_torch, nll_onnx = nll_torch + cross_entropy_sum(ref, y), nll_onnx + cross_entropy_sum(out, y)
     finally:
         model.train(was_training)
     if n == 0:
         raise ValueError("verify_onnx got no batches: pass a non-empty iterable of inputs or (inputs, labels)")
     report = VerifyReport(
-        n_samples=n, max_abs_diff=max_diff, mean_abs_diff=sum_diff / n_values, top1_agreement=n_agree / n,
+        n_samples=n, max_abs_diff=max_diff, mean_abs_diff=sum_diff / n_values, top1_agreement=n_agree / n_pred,
         torch_top1=n_torch_ok / n_labeled if n_labeled else None,
-        onnx_top1=n_onnx_ok / n_labeled if n_labeled else None,
+        onnx_top1=n_onnx_ok / n_labeled if n_labeled else None, n_predictions=n_pred,
+        torch_cross_entropy=nll_torch / n_labeled if n_labeled else None,
+        onnx_cross_entropy=nll_onnx / n_labeled if n_labeled else None,
     )
     if report.top1_agreement >= min_agreement:
         return report
@@ -145,10 +193,14 @@ def verify_onnx(
             f"PyTorch float32 (more than {ROUNDOFF_FACTOR:g}x its round-off)")
         raise ValueError(
             f"top-1 agreement {100 * report.top1_agreement:.2f}% below {100 * min_agreement:.1f}% between "
-            f"onnxruntime and PyTorch on {n} inputs (max |logit diff| {max_diff:.3g}){roundoff}: {path} does "
-            "not compute the fake-quantized model; report this with the model and plan"
+            f"onnxruntime and PyTorch on {_counted(n, n_pred)} (max |logit diff| {max_diff:.3g}){roundoff}: {path} "
+            "does not compute the fake-quantized model; report this with the model and plan"
         )
     return report
+
+
+def _counted(n_inputs: int, n_predictions: int) -> str:
+    return f"{n_inputs} inputs" if n_inputs == n_predictions else f"{n_predictions} predictions of {n_inputs} inputs"
 
 
 @torch.no_grad()
@@ -156,7 +208,8 @@ def _roundoff(model: nn.Module, kept: list[tuple[torch.Tensor, np.ndarray, np.nd
     """PyTorch float32 and onnxruntime against `model` in float64 on the kept inputs (empty if no float64)."""
     try:
         m64 = copy.deepcopy(model).double().eval()
-        ref64 = np.concatenate([m64(x.double()).numpy() for x, _, _ in kept])
+        # token ids stay integers; float inputs go to float64 with the model
+        ref64 = np.concatenate([m64(x.double() if x.is_floating_point() else x).numpy() for x, _, _ in kept])
     except Exception:  # a model that does not run in float64: no round-off measurement, the plain check
         return {}
     ref = np.concatenate([r for _, r, _ in kept]).astype(np.float64)
@@ -164,7 +217,7 @@ def _roundoff(model: nn.Module, kept: list[tuple[torch.Tensor, np.ndarray, np.nd
     return {
         "roundoff_images": len(ref),
         "roundoff_mean_abs_diff": float(np.abs(ref - ref64).mean()),
-        "roundoff_top1_agreement": float(np.mean(ref.argmax(1) == ref64.argmax(1))),
+        "roundoff_top1_agreement": float(np.mean(predictions(ref) == predictions(ref64))),
         "onnx_float64_mean_abs_diff": float(np.abs(out - ref64).mean()),
     }
 

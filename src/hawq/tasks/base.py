@@ -85,6 +85,11 @@ class Task(ABC):
         self.refuse("export")
         return ()
 
+    def export_scores(self, verified: Any) -> dict[str, float]:
+        """`metric` from PyTorch's and from onnxruntime's outputs on the export batches, {"torch": .., "onnx": ..},
+        read off the check's `hawq.export.VerifyReport`; {} when only top-1 is compared (the default)."""
+        return {}
+
     def refuse(self, stage: str) -> None:
         """Raise the one-line error of a stage this task cannot do (nothing is written before it)."""
         if stage in self.refuses or stage == "export" and type(self).export_batches is Task.export_batches:

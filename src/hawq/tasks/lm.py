@@ -69,8 +69,9 @@ def load_text(cfg: RunConfig) -> TextData:
     if len(train) < 10 * w or len(val) < w:
         raise ValueError(f"{root} holds too little text ({len(train)} training, {len(val)} validation bytes): "
                          "pass a --data-dir with more files")
-    val_t = torch.frombuffer(bytes(val[: min(n_val, len(val) // w) * w]), dtype=torch.uint8).reshape(-1, w)
-    return TextData(torch.frombuffer(bytes(train), dtype=torch.uint8).clone(), val_t.clone(), root)
+    # bytearrays: torch.frombuffer warns on read-only bytes
+    val_t = torch.frombuffer(val[: min(n_val, len(val) // w) * w], dtype=torch.uint8).reshape(-1, w)
+    return TextData(torch.frombuffer(train, dtype=torch.uint8).clone(), val_t.clone(), root)
 
 
 def windows(text: Tensor, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -125,8 +126,6 @@ class LanguageModelTask(Task):
     higher_is_better = False
     defaults = {"model": "char_gpt", "epochs": 1, "batch_size": 64, "lr": 3e-3, "ft_images": 8192, "ft_lr": 3e-4,
                 "trace_max_images": 1024}
-    refuses = {"export": "the ONNX check compares per-image top-1 of (B, C) outputs; sequence outputs are not "
-                         "checked yet"}
     train_sequences = 128 * 1024  # per epoch
 
     def load_data(self, cfg: RunConfig) -> TextData:
@@ -161,6 +160,16 @@ class LanguageModelTask(Task):
         g = torch.Generator().manual_seed(cfg.seed + 1)
         while True:  # the estimator stops at its own max_images
             yield windows(data.train, cfg.trace_batch_size, g)
+
+    def export_batches(self, data: TextData):
+        """(inputs, next-byte targets) of the validation windows: the exported model is checked at every position."""
+        for i in range(0, len(data.val), 256):
+            w = data.val[i : i + 256].long()
+            yield w[:, :-1], w[:, 1:]
+
+    def export_scores(self, verified) -> dict[str, float]:
+        """Perplexity, exp(mean cross-entropy over every position), from PyTorch's and onnxruntime's logits."""
+        return {"torch": math.exp(verified.torch_cross_entropy), "onnx": math.exp(verified.onnx_cross_entropy)}
 
     def calibration_batches(self, data: TextData):
         g = torch.Generator().manual_seed(12345)
