@@ -419,7 +419,8 @@ def ptq_line(ptq: str) -> str:
                 "every weight channel clipped at the ratio of its largest magnitude that minimises ||Q(W)−W||² "
                 "(grid 1.00, 0.99, ..., 0.06), and batch-norm running statistics re-estimated in train mode on the "
                 "first 4096 training images, weights frozen; activation ranges (4-bit tables) on 2048 training images "
-                "before and after, each the clip of [min, max] that minimises the mean squared error of Q(x). Omega and ||Q(W)−W||² are those of the clipped quantizer.")
+                "before and after, each the clip of [min, max] that minimises the mean squared error of Q(x). "
+                "Omega and ||Q(W)−W||² are those of the clipped quantizer.")
     return ("- No post-training steps: weights scaled by each channel's largest magnitude, batch-norm statistics "
             "of the float model; activations (4-bit tables) min/max-calibrated on 2048 training images.")
 
@@ -536,13 +537,21 @@ def write_page(run: dict, out: Path, raw: Path) -> None:
                       + (f" ({CACHED})" if meas[s]["cached"] else "") for s, w in mw.items()) + ".",
           f"- Fine-tuning runs: {len(ft_s)}, median {np.median(ft_s) if ft_s else 0:.1f} s; "
           f"evaluations: {len(eval_s)} before fine-tuning (+{len(ft_s)} after), median "
-          f"{np.median(eval_s) if eval_s else 0:.1f} s (identical plan and seed pairs are measured once).", "",
-          "## Raw per-seed results", "", "<details><summary>JSON lines</summary>", "", "```"]
-    L += [json.dumps({k: v for k, v in r.items() if k != "w_bits"} | {"w_bits": list(r["w_bits"].values())})
-          for r in rows]
-    L += ["```", "", "</details>", ""]
+          f"{np.median(eval_s) if eval_s else 0:.1f} s (identical plan and seed pairs are measured once).", ""]
+    write_lines(out, L + raw_rows(rows), wall)
+
+
+def raw_rows(rows: list[dict]) -> list[str]:
+    """The page's last section: every row as a JSON line (w_bits as a list), folded away."""
+    return ["## Raw per-seed results", "", "<details><summary>JSON lines</summary>", "", "```",
+            *(json.dumps({k: v for k, v in r.items() if k != "w_bits"}
+                         | {"w_bits": None if r["w_bits"] is None else list(r["w_bits"].values())}) for r in rows),
+            "```", "", "</details>", ""]
+
+
+def write_lines(out: Path, lines: list[str], wall: float) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(L))
+    out.write_text("\n".join(lines))
     print(f"wrote {out} ({wall / 60:.1f} min run)", file=sys.stderr)
 
 

@@ -581,15 +581,8 @@ def write_page(run: dict, out: Path, raw: Path, resnet: dict | None = None) -> N
           f"- Total wall time {wall / 60:.1f} min (full-precision model {run['fp32_s']:.0f} s). Fine-tuning runs: "
           f"{len(ft_s)}, median {np.median(ft_s) if ft_s else 0:.1f} s; evaluations: {len(eval_s)}, median "
           f"{np.median(eval_s) if eval_s else 0:.1f} s (identical plan and seed pairs are measured once; a plan's "
-          "before-FT score does not depend on the seed).", "",
-          "## Raw per-seed results", "", "<details><summary>JSON lines</summary>", "", "```"]
-    L += [json.dumps({k: v for k, v in r.items() if k != "w_bits"}
-                     | {"w_bits": None if r["w_bits"] is None else list(r["w_bits"].values())})
-          for r in run["rows"]]
-    L += ["```", "", "</details>", ""]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(L))
-    print(f"wrote {out} ({wall / 60:.1f} min run)", file=sys.stderr)
+          "before-FT score does not depend on the seed).", ""]
+    acc.write_lines(out, L + acc.raw_rows(run["rows"]), wall)
 
 
 if __name__ == "__main__":
