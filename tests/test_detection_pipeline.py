@@ -39,7 +39,8 @@ def test_detection_run_writes_artifacts_with_map(fake_fmnist, tmp_path):
     for name in ("fp32", "hawq", "uniform4"):
         assert 0.0 <= res["models"][name]["map50"] <= 100.0
     traces = json.loads((out / "traces.json").read_text())
-    assert traces["method"] == "hutchinson"  # the detection loss is not cross-entropy
+    # the detection loss is not cross-entropy but elementwise: Gauss-Newton from its own output Hessian
+    assert traces["method"] == "gn_residual" and "output Hessian is elementwise" in traces["reason"]
     plan = json.loads((out / "plan.json").read_text())
     for fixed in ("backbone.convs.0", "head.classification_head.cls_logits", "head.regression_head.bbox_reg"):
         assert plan["layers"][fixed]["w_bits"] == 8

@@ -22,6 +22,7 @@ class EstimationRun:
         self.names, self.n_params = list(names), list(n_params)
         self.activations = activations
         self.curved = tuple(curved)  # gn_residual: the layers whose residual is probed
+        self.loss_gn = False  # gn_residual: Gauss-Newton from the loss's own output Hessian (not softmax's)
         self.plan = plan or ChunkPlan()
         self.stats = RunningStats(names)
         self.residual = ResidualStats(len(self.names))

@@ -247,12 +247,13 @@ def _estimate(
             raise ValueError("diagonal=True gives Gauss-Newton diagonals: pass method='hybrid' (or 'exact')")
         plan = ChunkPlan(batch_dims=tuple(info.batch_dims))
         if BY_NAME[used].gauss_newton:
-            k = _vectors_per_image(used, info.width)
+            k = 2 if choice.loss_gn else _vectors_per_image(used, info.width)
             plan = plan_chunk(model, modules, _to_model(first[0][:1], ref), opts.chunk_size, k,
                               available_memory_bytes(ref.device), info.batch_dims)
         key = json.dumps(
             {
                 "method": used,
+                "loss_gn": choice.loss_gn,
                 "layers": names,
                 "seed": opts.seed,
                 "loss": str(opts.loss),
@@ -264,6 +265,7 @@ def _estimate(
             }
         )
         run = EstimationRun(names, n_params, opts.seed, opts.diagonal, params, activations, choice.curved, plan)
+        run.loss_gn = choice.loss_gn
         run.maybe_resume(opts.state_path, key)
         _loop(run, model, modules, used, stream, loss_fn, ref, opts, key)
     if used == "hutchinson" and not activations and run.stats.count < 2:

@@ -14,8 +14,9 @@ includes data sampling; they differ in what they compute per chunk of images (ac
   mc_fisher_is  GN with one importance-sampled label per image (unbiased).
   hutchinson    Rademacher probes of true Hessian-vector products: any loss and network, noisy.
   auto          cross-entropy on logits (B, C): hybrid where every layer is proved piecewise linear,
-                else gn_residual (hybrid, with a note, where double backward is missing); any other loss:
-                hutchinson.
+                else gn_residual (hybrid, with a note, where double backward is missing); another loss whose
+                Hessian w.r.t. the output is elementwise (focal, L1/smooth-L1, squared error): gn_residual with
+                the Gauss-Newton part from that output Hessian (output_hessian.py); any other loss: hutchinson.
 
 Sequences (logits (B, T, C) with targets (B, T), `hutchinson.cross_entropy`): one sequence is one sample,
 its loss the mean over its tokens (targets -100 left out); the Gauss-Newton methods sum a sequence's tokens
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from hawq.hessian.curvature import ModelInfo, describe
 from hawq.hessian.hutchinson import LossFn, NoDoubleBackwardError, find_no_double_backward
+from hawq.hessian.output_hessian import elementwise_loss
 from hawq.hessian.residual import residual_unreachable
 from hawq.hessian.steps import gauss_newton, gn_residual, hutchinson
 
@@ -99,6 +101,7 @@ class Choice:
     curved: tuple[int, ...]  # layers whose residual is probed (gn_residual)
     reason: str  # why this method, for traces.json
     notes: tuple[str, ...]  # what the numbers mean where they are not the Hessian trace
+    loss_gn: bool = False  # gn_residual's Gauss-Newton part from the loss's own output Hessian (output_hessian.py)
 
 
 def choose(
@@ -120,6 +123,14 @@ def choose(
     shape = describe(info, names) if curved else ""
     pl = "every layer proved piecewise linear in its weights (Gauss-Newton = Hessian)"
     method = opts.method
+    # a loss other than cross-entropy: Gauss-Newton from its own output Hessian where that is elementwise
+    loss_gn_why = "the loss is cross-entropy"
+    if not ce and not opts.activations and method in ("auto", "gn_residual"):
+        import torch
+
+        loss_gn_why = ("layers whose per-image traces are impossible" if unsplit or foreign else
+                       elementwise_loss(model, probe[0], probe[1], loss_fn, torch.Generator().manual_seed(0)))
+    loss_gn = not loss_gn_why
     if method == "auto":
         if unsplit and ce and logits:
             method = "hutchinson"
@@ -128,8 +139,13 @@ def choose(
             method = "hutchinson"
             reason = (f"the weights of {', '.join(foreign[:3])} are used without calling the layer: per-sample "
                       "gradients cannot see them; Hessian-vector products")
+        elif loss_gn:
+            method = "gn_residual"
+            reason = ("the loss is not cross-entropy, its output Hessian is elementwise: Gauss-Newton from it"
+                      + (f"; curved: {shape}" if curved else f"; {pl}"))
         elif not ce or not logits:
-            why = ("the loss is not cross-entropy" if not ce else "activation traces of sequences" if sequences
+            why = (f"the loss is not cross-entropy ({loss_gn_why})" if not ce
+                   else "activation traces of sequences" if sequences
                    else "the model's output is not logits (B, C) or (B, T, C)")
             method, reason = "hutchinson", f"{why}: Hessian-vector products"
         elif not curved:
@@ -147,13 +163,18 @@ def choose(
     if m.gauss_newton and foreign:
         raise ValueError(f"layers {', '.join(foreign[:3])}: their weights are used without calling the layer, so "
                          "per-sample gradients cannot see them: use method='hutchinson' or leave them out of `layers`")
-    if m.gauss_newton and not ce:
-        raise ValueError(f"method={method!r} needs loss='cross_entropy'; use method='hutchinson' for {opts.loss!r}")
-    if m.gauss_newton and not logits:
+    if m.gauss_newton and not ce and not loss_gn:
+        need = ("loss='cross_entropy' or an elementwise loss" if method == "gn_residual" else "loss='cross_entropy'")
+        raise ValueError(f"method={method!r} needs {need} ({loss_gn_why}); use method='hutchinson' for "
+                         f"{opts.loss!r}")
+    if m.gauss_newton and not logits and not loss_gn:
         raise ValueError("per-sample traces need a model returning logits (B, C) (weights: or (B, T, C) with "
                          "targets (B, T)): use method='hutchinson'")
     notes: list[str] = []
-    if m.gauss_newton and sequences and probe[1].shape[1] > 1:
+    if loss_gn:
+        notes.append("the loss is not cross-entropy: the Gauss-Newton part comes from the loss's own output Hessian "
+                     "(elementwise; random signs over the output elements, unbiased, inside the standard errors)")
+    if m.gauss_newton and sequences and not loss_gn and probe[1].shape[1] > 1:
         notes.append("sequences: one sequence is one sample; its Gauss-Newton part sums the tokens with random "
                      "signs (unbiased, not exact; the sign noise is inside the standard errors)")
     probed: tuple[int, ...] = ()
@@ -187,7 +208,7 @@ def choose(
             notes.append(f"curved layers ({shape}): Hessian-vector products")
     elif opts.activations and curved:
         notes.append(f"curved layers ({shape}): Hessian-vector products")
-    return Choice(method, probed, reason, tuple(notes))
+    return Choice(method, probed, reason, tuple(notes), loss_gn and method == "gn_residual")
 
 
 __all__ = ["BY_NAME", "METHODS", "Choice", "Method", "TraceOptions", "choose"]

@@ -9,11 +9,12 @@ of 12-48 px and a head trimmed to `head_convs` convolutions per branch. It takes
                                        then 4 box deltas, as a classifier gives logits
 
 The dense form is what `hawq.calibrate_`, `layer_macs`, the Hessian traces and export call; the loss on it
-(`dense_loss`) is RetinaNet's own: sigmoid focal loss + box regression, both twice differentiable, so
-Hutchinson probes with true Hessian-vector products apply (the Gauss-Newton identity of docs/design.md holds for
-cross-entropy only). The box loss is smooth L1 (beta 1, i.e. quadratic for the small deltas of a trained
-model), not torchvision's default L1: L1 after a ReLU network has a zero Hessian almost everywhere, so
-every regression-head trace would be 0 and HAWQ would think those layers free to quantize.
+(`dense_loss`) is RetinaNet's own: sigmoid focal loss + box regression, both twice differentiable and
+elementwise in the head output, so the traces' Gauss-Newton part comes from the loss's own output Hessian
+(`hawq.hessian.output_hessian`; exact for this ReLU network) and Hutchinson probes also apply. The box
+loss is smooth L1 (beta 1, i.e. quadratic for the small deltas of a trained model), not torchvision's default L1:
+L1 after a ReLU network has a zero Hessian almost everywhere, so every regression-head trace would be 0 and HAWQ
+would think those layers free to quantize.
 Labels are 1..10 as `hawq.data.coco` gives them; class 0 is unused (torchvision's convention of a
 background slot), so `num_classes = 11`.
 """

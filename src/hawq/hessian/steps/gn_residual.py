@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from hawq.hessian.output_hessian import loss_gn_traces
 from hawq.hessian.persample import counted_tokens, persample_traces
 from hawq.hessian.residual import residual_probes
 
 
 def step(run, model, modules, method, x, y, loss_fn, n_probes) -> None:
-    values, _, k = persample_traces(model, modules, x, "hybrid", run.gen, False, run.plan, counted_tokens(y))
+    if run.loss_gn:  # a loss other than cross-entropy: its own output Hessian (output_hessian.py)
+        values, _, k = loss_gn_traces(model, modules, x, y, loss_fn, run.gen, run.plan)
+    else:
+        values, _, k = persample_traces(model, modules, x, "hybrid", run.gen, False, run.plan, counted_tokens(y))
     run.stats.add(values)
     r = torch.zeros(len(run.names), dtype=torch.float64)
     if run.curved:  # proved layers have R_ll = 0: no probes there
