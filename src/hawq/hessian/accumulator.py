@@ -11,7 +11,7 @@ from torch import Tensor
 
 from hawq.artifacts import load_torch, save_torch
 from hawq.hessian.persample import ChunkPlan
-from hawq.hessian.result import LayerTrace, ResidualStats, RunningStats, TraceResult, convergence
+from hawq.hessian.result import LayerTrace, ProbeSpread, ResidualStats, RunningStats, TraceResult, convergence
 
 
 class EstimationRun:
@@ -26,6 +26,8 @@ class EstimationRun:
         self.plan = plan or ChunkPlan()
         self.stats = RunningStats(names)
         self.residual = ResidualStats(len(self.names))
+        self.spread = ProbeSpread(len(self.names))  # hutchinson: probes inside chunks (a floor under stderr)
+        self.residual_spread = ProbeSpread(len(self.names))  # gn_residual: the same for the residual probes
         self.images = 0
         self.n_backward = 0
         self.n_probes = 0
@@ -55,12 +57,14 @@ class EstimationRun:
         return self.stats.mean() + self.residual.mean() if self.residual.count else self.stats.mean()
 
     def stderr(self) -> Tensor:
-        se = self.stats.stderr()
+        se = self.spread.floor(self.stats.stderr())  # the floor is zero where no chunk had two probes
         if not self.residual.count or not self.curved:
             return se
         extra = torch.zeros_like(se)
         idx = list(self.curved)
-        extra[idx] = self.residual.variance_of_mean()[idx]  # proved layers are never probed: GN error only
+        floor = self.residual_spread.variance_of_mean()
+        # proved layers are never probed: GN error only
+        extra[idx] = torch.maximum(self.residual.variance_of_mean(), floor)[idx]
         return (se * se + extra).clamp_min(0.0).sqrt()
 
     def done(self, rel_tol: float, min_share: float) -> list[bool]:
@@ -93,6 +97,8 @@ class EstimationRun:
                 "gen": self.gen.get_state(),
                 "diag_sums": self.diag_sums,
                 "residual": self.residual.state_dict(),
+                "spread": self.spread.state_dict(),
+                "residual_spread": self.residual_spread.state_dict(),
             },
         )
 
@@ -116,5 +122,8 @@ class EstimationRun:
         self.gen.set_state(s["gen"])
         if s.get("residual") is not None:
             self.residual.load_state_dict(s["residual"])
+        if s.get("spread") is not None:
+            self.spread.load_state_dict(s["spread"])
+            self.residual_spread.load_state_dict(s["residual_spread"])
         if s.get("diag_sums") is not None:
             self.diag_sums = [d.clone() for d in s["diag_sums"]]

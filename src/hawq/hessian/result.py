@@ -200,6 +200,46 @@ class ResidualStats:
         self.sum_g, self.sum_gr = s["sum_g"].clone(), s["sum_gr"].clone()
 
 
+class ProbeSpread:
+    """The spread of probes inside their chunks: a floor under a probe estimate's standard error.
+
+    A chunk's estimate is the mean of its k probes, so its variance over chunks is at least the probes'
+    own variance / k. With few chunks the spread of chunk means (one degree of freedom for two chunks) can
+    come out far below that by chance, and a trace that is noise would look precise; the pooled within-chunk
+    variance gives the floor: Var(mean of n chunk means) >= s_w^2 * sum_c (1 / k_c) / n^2.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self.ss = torch.zeros(n_layers, dtype=torch.float64)  # sum over chunks of squared deviations
+        self.dof = 0  # sum over chunks of (k_c - 1)
+        self.inv_k = 0.0  # sum over chunks of 1 / k_c
+        self.count = 0
+
+    def add(self, est: Tensor) -> None:
+        """est: (k, n_layers) one chunk's probe values."""
+        v = est.detach().double()
+        self.count += 1
+        self.inv_k += 1.0 / v.shape[0]
+        if v.shape[0] > 1:
+            self.ss += ((v - v.mean(0)) ** 2).sum(0)
+            self.dof += v.shape[0] - 1
+
+    def variance_of_mean(self) -> Tensor:
+        """The floor of Var(mean over chunks) (zero while no chunk had two probes)."""
+        if not self.dof or not self.count:
+            return torch.zeros_like(self.ss)
+        return self.ss / self.dof * self.inv_k / self.count**2
+
+    def floor(self, stderr: Tensor) -> Tensor:
+        return torch.maximum(stderr, self.variance_of_mean().sqrt())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ss": self.ss.clone(), "dof": self.dof, "inv_k": self.inv_k, "count": self.count}
+
+    def load_state_dict(self, s: Mapping[str, Any]) -> None:
+        self.ss, self.dof, self.inv_k, self.count = s["ss"].clone(), int(s["dof"]), float(s["inv_k"]), int(s["count"])
+
+
 def convergence(mean: Tensor, stderr: Tensor, n_params: Sequence[int], rel_tol: float, min_share: float) -> list[bool]:
     """Which layers are done: relative stderr <= rel_tol, or a share of the total trace below min_share.
 
