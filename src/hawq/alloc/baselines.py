@@ -39,7 +39,7 @@ from hawq.alloc.sensitivity import SensitivityTable
 from hawq.alloc.size import MB, model_size_bits
 from hawq.hessian.curvature import inspect_model
 from hawq.hessian.estimate import estimation_mode, resolve_layers
-from hawq.hessian.persample import capture_io, gn_backward, sq_norms
+from hawq.hessian.persample import gn_backward, recorded, sq_norms
 
 ALLOCATORS = ("uniform", "random", "reversed", "v1", "eigbound", "fisher", "monotone", "hawq", "diag")
 
@@ -309,8 +309,7 @@ def empirical_fisher(
     chunks = [(x[i : i + chunk_size], y[i : i + chunk_size]) for x, y in data for i in range(0, len(y), chunk_size)]
     with estimation_mode(model, params):
         for x, y in tqdm(chunks, desc="fisher", disable=not progress, delay=2.0, leave=False):
-            with capture_io(modules) as records, torch.enable_grad():
-                logits = model(x)
+            logits, records = recorded(lambda x=x: model(x), modules)
             u = (torch.softmax(logits.detach(), -1) - F.one_hot(y, logits.shape[-1]).to(logits.dtype))
             outs = [out for r in records for _, out in r]
             grads = torch.autograd.grad(logits, outs, grad_outputs=u)

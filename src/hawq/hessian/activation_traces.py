@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from hawq.hessian.hutchinson import LossFn, rademacher
-from hawq.hessian.persample import capture_io, gn_backward, hybrid_split
+from hawq.hessian.persample import capture_io, gn_backward, hybrid_split, recorded
 
 
 def input_numels(model: nn.Module, modules: Sequence[nn.Module], x: Tensor) -> list[int]:
@@ -71,9 +71,10 @@ def act_hutchinson(
 ) -> tuple[Tensor, int]:
     """(B, L) per-image Hutchinson estimates (mean over n_probes) w.r.t. each layer's input."""
     B = x.shape[0]
-    with capture_io(modules, grad_input=True) as records, torch.enable_grad():
-        loss = loss_fn(model(x), y) * B  # summed over images: per-image gradients (mean-reduced loss_fn)
-        acts = [a for r in records for a, _ in r]
+    # summed over images: per-image gradients (mean-reduced loss_fn)
+    loss, records = recorded(lambda: loss_fn(model(x), y) * B, modules, grad_input=True)
+    acts = [a for r in records for a, _ in r]
+    with torch.enable_grad():
         grads = torch.autograd.grad(loss, acts, create_graph=True)
     live = [i for i, g in enumerate(grads) if g.requires_grad]
     values = torch.zeros(B, len(modules), dtype=torch.float64)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from hawq.hessian.hutchinson import LossFn
-from hawq.hessian.persample import ChunkPlan, capture_io, sq_norms
+from hawq.hessian.persample import ChunkPlan, recorded, sq_norms
 
 DIAGONAL_RTOL = 1e-5  # |H r - h * r| <= this times max|h|, else the output Hessian couples outputs
 
@@ -78,8 +78,7 @@ def loss_gn_traces(
         parts = [loss_gn_traces(model, modules, x[i : i + step], y[i : i + step], loss_fn, generator, plan)
                  for i in range(0, x.shape[0], step)]
         return torch.cat([v for v, _, _ in parts]), None, sum(k for _, _, k in parts)
-    with capture_io(modules) as records, torch.enable_grad():
-        z = model(x)
+    z, records = recorded(lambda: model(x), modules)
     if not isinstance(z, Tensor) or z.dim() < 1 or z.shape[0] != x.shape[0]:
         raise ValueError("Gauss-Newton traces of a custom loss need a model returning one tensor (B, ...): "
                          "use method='hutchinson'")

@@ -24,21 +24,41 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class Records(list):
+    """records[k]: the calls of module k as (input, output); `watch` the captured tensors with their version
+    counters at capture time, so that an op changing one in place afterwards (ReLU(inplace=True) after a
+    conv, `out += x`) is seen: the output then holds the next op's result and gradients w.r.t. it skip
+    that op (a ReLU's mask), the input holds other values than the layer saw."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__([] for _ in range(n))
+        self.watch: list[tuple[Tensor, int]] = []
+
+    def modified(self) -> bool:
+        return any(t._version != v for t, v in self.watch)
+
+
 @contextmanager
-def capture_io(modules: Sequence[nn.Module], grad_input: bool = False):
+def capture_io(modules: Sequence[nn.Module], grad_input: bool = False, copy: bool = False):
     """Record every call of each module: (input detached, output in the graph) in `records[k]`.
 
     With grad_input=True the input is replaced by a fresh autograd node owned by the layer alone, so
     gradients w.r.t. it are those of *this layer's* input (what activation quantization perturbs).
+    With copy=True the recorded tensors are the layer's own and the network goes on with copies, so no later
+    in-place op can change them (use `recorded`, which takes this path only where it is needed).
     """
-    records: list[list[tuple[Tensor, Tensor]]] = [[] for _ in modules]
+    records = Records(len(modules))
     handles = []
     for k, m in enumerate(modules):
         if grad_input:
 
             def pre(mod, args, k=k):
                 x = args[0]
-                x = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+                records.watch.append((x, x._version))
+                if copy:
+                    x = x.clone() if x.requires_grad else x.detach().clone().requires_grad_(True)
+                else:
+                    x = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
                 records[k].append((x, x))
                 return (x, *args[1:])
 
@@ -46,7 +66,10 @@ def capture_io(modules: Sequence[nn.Module], grad_input: bool = False):
         else:
 
             def post(mod, args, out, k=k):
-                records[k].append((args[0].detach(), out))
+                inp = args[0].detach()
+                records[k].append((inp.clone() if copy else inp, out))
+                records.watch += [(t, t._version) for t in (inp, out) if isinstance(t, Tensor)]
+                return out.clone() if copy and isinstance(out, Tensor) else None
 
             handles.append(m.register_forward_hook(post))
     try:
@@ -54,6 +77,17 @@ def capture_io(modules: Sequence[nn.Module], grad_input: bool = False):
     finally:
         for h in handles:
             h.remove()
+
+
+def recorded(fn, modules: Sequence[nn.Module], grad_input: bool = False) -> tuple[Any, Records]:
+    """fn() (a forward pass, with grad) under `capture_io`; run again with copies (copy=True) when an op changed a
+    recorded tensor in place, so gradients w.r.t. the records are those of the layers themselves."""
+    for copy in (False, True):
+        with capture_io(modules, grad_input, copy) as records, torch.enable_grad():
+            out = fn()
+        if copy or not records.modified():
+            return out, records
+    raise AssertionError("unreachable")
 
 
 def _conv_unfold(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -230,8 +264,7 @@ def gn_backward(
     own input, wrt_input=True), `group` vectors at a time (all at once by default). Yields (records,
     grads (k, B, ...) in record order, k) per group of k vectors; the K gradients add up over groups.
     Sequence logits (B, T, C): `counted` (B, T) marks the tokens the loss counts (default all)."""
-    with capture_io(modules, grad_input=wrt_input) as records, torch.enable_grad():
-        logits = model(x)
+    logits, records = recorded(lambda: model(x), modules, grad_input=wrt_input)
     if not isinstance(logits, Tensor) or logits.dim() not in (2, 3):
         raise ValueError("per-sample traces need a model returning logits (B, C) or (B, T, C): "
                          "use method='hutchinson'")
