@@ -61,6 +61,7 @@ FULL = dict(budgets=[4.0, 3.0, 2.5, 2.25], seeds=[0, 1, 2], allocators=list(ALLO
 QUICK = dict(budgets=[2.5], seeds=[0], allocators=["uniform", "hawq"], ft_images=256, test_images=1000,
              trace_images=128, diag_images=64, eig_images=64, eig_iters=3, random_plans=4, random_budget=2.5, a_bits=0,
              act_budgets=[2.5], ptq="on")
+PREVIOUS = "results_before_ptq.json"  # the full run before the post-training steps (docs/, beside the page)
 CACHED = "loaded from the cache: computed earlier for the same weights and settings"
 NAMES = {"uniform": "uniform", "random": "random", "reversed": "reversed", "v1": "HAWQ-V1 (eigenvalue / n)",
          "eigbound": "eigenvalue bound",
@@ -288,6 +289,87 @@ def section(rows: list[dict], a_bits: int | None, allocs: list[str], n_test: int
     return lines, losses
 
 
+def leads(rows: list[dict], a_bits: int | None, allocs: list[str], n_test: int) -> dict:
+    """HAWQ-V2's lead over each baseline, (budget, name, phase) -> (mean, se, verdict): mean of HAWQ-V2 minus
+    the baseline per seed (points; positive = HAWQ-V2 ahead), `verdict` as in `section` ('same': the
+    baseline chose HAWQ-V2's own plans on every seed)."""
+    out = {}
+    for budget in sorted({r["budget_bits"] for r in rows if r["a_bits"] == a_bits}, reverse=True):
+        sub = [r for r in rows if r["a_bits"] == a_bits and r["budget_bits"] == budget]
+        ref = {r["seed"]: r for r in sub if r["allocator"] == "hawq"}
+        for name in allocs:
+            rs = [r for r in sub if r["allocator"] == name and r["seed"] in ref]
+            if name == "hawq" or not rs:
+                continue
+            same = all(r["w_bits"] == ref[r["seed"]]["w_bits"] for r in rs)
+            for phase in ("before", "after"):
+                d = [r[phase] - ref[r["seed"]][phase] for r in rs]
+                m, se = mean_se(d)
+                v = "same" if same else verdict(d, float(np.mean([r[phase] for r in rs])),
+                                                float(np.mean([ref[r["seed"]][phase] for r in rs])), n_test)
+                out[(budget, name, phase)] = (-m, se, v)
+    return out
+
+
+def change(old: str, new: str, lead_old: float, lead_new: float) -> str:
+    """How a significant lead of HAWQ-V2 ('ahead') fared from the earlier run to this one."""
+    if old == "ahead" and new == "ahead":
+        return "held, grew" if lead_new > lead_old else "held, shrank"
+    if old == "ahead":
+        return "vanished (a tie: same plans)" if new == "same" else "vanished (baseline ahead)" if new == "behind" \
+            else "vanished"
+    if new == "ahead":
+        return "appeared"
+    return "baseline ahead" if "behind" in (old, new) else "no lead before or after"
+
+
+def previous_lines(run: dict, prev: dict, prev_name: str, allocs: list[str]) -> list[str]:
+    """The section comparing this run's paired verdicts with an earlier run's (the page before the
+    post-training steps): where HAWQ-V2's significant lead grew, held, vanished or appeared."""
+    a_bits = run["settings"].get("a_bits") or None
+    sets = [(None, "weights only")] + ([(a_bits, f"{a_bits}-bit activations")] if a_bits else [])
+    n_old, n_new = prev["test_images"], run["test_images"]
+    seeds_old, seeds_new = prev["settings"]["seeds"], run["settings"]["seeds"]
+    L = ["## Against the page before the post-training steps", "",
+         f"The same comparisons in the run before the post-training steps existed (max-scaled weights, float "
+         f"batch-norm statistics; its raw records: [{prev_name}]({prev_name}), {prev['finished']}, seeds "
+         f"{seeds_old}, {n_old} test images; this run: seeds {seeds_new}, {n_new} test images). A lead is "
+         "HAWQ-V2's top-1 minus the baseline's, mean over seeds; it counts only where significant by the summary's "
+         "test in its own run. Grew / shrank compare the two means.", ""]
+    table = []
+    for ab, title in sets:
+        old = leads(prev["rows"], ab, allocs, n_old)
+        new = leads(run["rows"], ab, allocs, n_new)
+        for phase in ("before", "after"):
+            groups: dict[str, list[str]] = {}
+            for key in new:
+                if key[2] != phase or key not in old:
+                    continue
+                (lo, _, vo), (ln, _, vn) = old[key], new[key]
+                c = change(vo, vn, lo, ln)
+                groups.setdefault(c.split(" (")[0], []).append(
+                    f"{NAMES[key[1]]} at {key[0]:g} bits ({lo:+.2f} → {ln:+.2f})")
+                table.append(f"| {title} | {phase} | {key[0]:g} | {NAMES[key[1]]} | {lo:+.2f} ({vo}) | "
+                             f"{ln:+.2f} ({vn}) | {c} |")
+            n = sum(len(v) for v in groups.values())
+            if not n:
+                continue
+            L.append(f"- {title.capitalize()}, {phase} fine-tuning, {n} comparisons:")
+            for word, label in (("held, grew", "lead held and grew"), ("held, shrank", "lead held and shrank"),
+                                ("vanished", "lead vanished"), ("appeared", "lead appeared"),
+                                ("baseline ahead", "a baseline significantly ahead in one of the runs"),
+                                ("no lead before or after", "no significant lead in either run")):
+                items = groups.get(word, [])
+                if items and word != "no lead before or after":
+                    L.append(f"  - {label} ({len(items)}): " + "; ".join(items) + ".")
+                elif items:
+                    L.append(f"  - {label}: {len(items)}.")
+    L += ["", "<details><summary>Every comparison</summary>", "",
+          "| set | phase | budget (bits) | baseline | lead before the steps (verdict) | lead now (verdict) | change |",
+          "|---|---|---|---|---|---|---|", *table, "", "</details>", ""]
+    return L
+
+
 def summary_lines(title: str, tally: dict) -> list[str]:
     out = []
     for phase in ("before", "after"):
@@ -500,6 +582,9 @@ def write_page(run: dict, out: Path, raw: Path) -> None:
           "models' errors on disjoint images: 100·sqrt((e₁ + e₂)/N) points, 0.6 points for two models at 91%)"
           + (" (one seed here: no interval over seeds)." if len(a.seeds) < 2 else "."), "",
           *summary, *sensitivity_lines(run), "", *body]
+    prev_path = out.parent / PREVIOUS
+    if getattr(a, "ptq", "off") == "on" and prev_path.exists():
+        L += previous_lines(run, json.loads(prev_path.read_text()), PREVIOUS, allocs)
     L += ["## Where HAWQ-V2 does not win", "",
           "Every comparison in which HAWQ-V2 was not significantly ahead (see the summary for the test):", ""]
     groups = [("behind", "A baseline significantly ahead of HAWQ-V2"),

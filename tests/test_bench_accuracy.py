@@ -108,3 +108,26 @@ def test_render_writes_page_from_raw_records(acc, tmp_path):
     assert "**1.000**" in page  # Omega and drop in the same order: Spearman 1
     assert (tmp_path / "figures" / "results_accuracy_vs_size.png").stat().st_size > 0
     assert (tmp_path / "figures" / "results_accuracy_vs_size_a4.png").stat().st_size > 0
+
+
+def test_comparison_with_the_earlier_run_names_grew_held_vanished_appeared(acc):
+    def run(lead_uniform, lead_random, lead_fisher):
+        rows = []
+        for s in range(3):
+            rows += [row(s, "hawq", 90.0, 91.0, bits=(2, 4)),
+                     row(s, "uniform", 90.0 - lead_uniform + 0.01 * s, 91.0),
+                     row(s, "random", 90.0 - lead_random + 0.01 * s, 91.0, bits=(4, 2)),
+                     row(s, "fisher", 90.0 - lead_fisher + 0.01 * s, 91.0, bits=(4, 4))]
+        return {"settings": {"seeds": [0, 1, 2], "a_bits": 0}, "test_images": 5000, "rows": rows,
+                "finished": "then"}
+
+    # HAWQ-V2 significantly ahead of uniform in both (by more now), ahead of random only before, of Fisher only now
+    old, new = run(3.0, 3.0, 0.1), run(5.0, 0.1, 3.0)
+    lines = acc.previous_lines(new, old, "old.json", ["uniform", "random", "fisher", "hawq"])
+    text = "\n".join(lines)
+    assert "lead held and grew (1): uniform at 3 bits (+2.99 → +4.99)" in text
+    assert "lead vanished (1): random at 3 bits" in text
+    assert "lead appeared (1): empirical Fisher at 3 bits" in text
+    assert acc.change("ahead", "ahead", 5.0, 2.0) == "held, shrank"
+    assert acc.change("ahead", "same", 5.0, 0.0) == "vanished (a tie: same plans)"
+    assert acc.change("close", "behind", 0.1, -3.0) == "baseline ahead"
