@@ -150,3 +150,12 @@ def test_export_writes_checked_onnx_and_reports_sizes(quick_run, capsys):
     assert exp["verify"]["top1_agreement"] >= 0.999
     assert exp["size"]["file_size_bytes"] == (out / "model.onnx").stat().st_size
     assert "Exported model" in (out / "report.md").read_text()
+
+
+def test_python_dash_m_hawq_runs_the_command_line():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "hawq", "run", "--no-such-flag"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--no-such-flag" in r.stderr and "Traceback" not in r.stderr
+    assert "see `hawq run --help`" in r.stderr  # the command given, not `hawq hawq --help`

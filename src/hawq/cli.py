@@ -17,7 +17,12 @@ from hawq.tasks import dataset_names, task_defaults, task_names
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit code 2
-        print(f"hawq: error: {message} (see `hawq {self.prog.split()[-1]} --help`)", file=sys.stderr)
+        cmd = self.prog.split()[-1]
+        if cmd == "hawq":  # the top parser reports unknown flags of every command: name the command given
+            given = [a for a in getattr(self, "given", sys.argv[1:]) if a in getattr(self, "commands", ())]
+            cmd = given[0] if given else ""
+        print(f"hawq: error: {message} (see `{' '.join(['hawq', cmd] if cmd else ['hawq'])} --help`)",
+              file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -196,11 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
                        argument_default=argparse.SUPPRESS)
     _common(p)
     _ft_options(p, with_defaults=False)
+    parser.commands = tuple(sub.choices)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.given = list(sys.argv[1:] if argv is None else argv)  # for the error line's command name
+    args = parser.parse_args(argv)
     import torch
 
     from hawq import pipeline  # imported late: `hawq --help` stays fast
