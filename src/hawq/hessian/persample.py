@@ -14,6 +14,7 @@ a the (unfolded) input. Its squared norm is formed either by materializing the p
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,12 +83,18 @@ def capture_io(modules: Sequence[nn.Module], grad_input: bool = False, copy: boo
 def recorded(fn, modules: Sequence[nn.Module], grad_input: bool = False) -> tuple[Any, Records]:
     """fn() (a forward pass, with grad) under `capture_io`; run again with copies (copy=True) when an op changed a
     recorded tensor in place, so gradients w.r.t. the records are those of the layers themselves."""
-    for copy in (False, True):
+    key = modules[0] if modules else None
+    for copy in (True,) if key is not None and key in _NEEDS_COPY else (False, True):
         with capture_io(modules, grad_input, copy) as records, torch.enable_grad():
             out = fn()
         if copy or not records.modified():
             return out, records
+        if key is not None:
+            _NEEDS_COPY[key] = True  # the next chunks of this model go straight to copies
     raise AssertionError("unreachable")
+
+
+_NEEDS_COPY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first layer -> copies needed
 
 
 def _conv_unfold(conv: nn.Conv2d, x: Tensor) -> Tensor:
