@@ -7,7 +7,7 @@ fine-tuning. Then 50 random plans at one budget: rank correlation of total Omega
 before fine-tuning. The page shows mean and standard error over seeds, paired differences to HAWQ-V2,
 and says where HAWQ-V2 does not win.
 
-    .venv/bin/python bench/accuracy.py            # the full design (41 min on 2 cores, model training included)
+    .venv/bin/python bench/accuracy.py            # the full design (110 min on 2 shared cores, 2026-12-02)
     .venv/bin/python bench/accuracy.py --quick    # smoke run: seconds of fine-tuning, 1 budget, 1 seed
 """
 
