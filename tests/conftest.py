@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import struct
 from pathlib import Path
@@ -55,3 +56,17 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("HAWQ_CACHE", None)
     else:
         os.environ["HAWQ_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def load_bench():
+    """A loader of bench/<name>.py as a module (the benches are scripts, not a package)."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parents[1] / "bench"
+                                                      / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_detection_traces", ROOT / "bench" / "detection_traces.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_section_is_replaced_and_the_rest_of_the_page_kept(tmp_path):
-    dt = _bench()
+def test_section_is_replaced_and_the_rest_of_the_page_kept(tmp_path, load_bench):
+    dt = load_bench("detection_traces")
     page = tmp_path / "detection.md"
     page.write_text(f"# Detection\n\ntable\n\n{dt.SECTION}\n\nold numbers\n\n## Later section\n\nkept\n")
     dt.write_section(page, [dt.SECTION, "", "new numbers", ""])

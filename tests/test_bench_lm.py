@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def lm():
-    spec = importlib.util.spec_from_file_location("bench_lm", ROOT / "bench" / "lm.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def lm(load_bench):
+    return load_bench("lm")
 
 
 def test_verdict_lower_perplexity_wins(lm):

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from hawq.hessian.curvature import ModelInfo, describe
@@ -126,8 +127,6 @@ def choose(
     # a loss other than cross-entropy: Gauss-Newton from its own output Hessian where that is elementwise
     loss_gn_why = "the loss is cross-entropy"
     if not ce and not opts.activations and method in ("auto", "gn_residual"):
-        import torch
-
         loss_gn_why = ("layers whose per-image traces are impossible" if unsplit or foreign else
                        elementwise_loss(model, probe[0], probe[1], loss_fn, torch.Generator().manual_seed(0)))
     loss_gn = not loss_gn_why

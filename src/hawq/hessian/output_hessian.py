@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from hawq.hessian.hutchinson import LossFn
+from hawq.hessian.hutchinson import LossFn, rademacher
 from hawq.hessian.persample import ChunkPlan, recorded, sq_norms
 
 DIAGONAL_RTOL = 1e-5  # |H r - h * r| <= this times max|h|, else the output Hessian couples outputs
@@ -33,10 +33,6 @@ DIAGONAL_RTOL = 1e-5  # |H r - h * r| <= this times max|h|, else the output Hess
 
 class CoupledOutputsError(ValueError):
     """The loss's Hessian w.r.t. the model's output is not diagonal (it couples output elements)."""
-
-
-def _rademacher(shape: torch.Size, generator: torch.Generator) -> Tensor:
-    return torch.randint(0, 2, tuple(shape), generator=generator).double() * 2 - 1
 
 
 def output_hessian_diagonal(z: Tensor, y: Tensor, loss_fn: LossFn, generator: torch.Generator) -> Tensor:
@@ -49,12 +45,12 @@ def output_hessian_diagonal(z: Tensor, y: Tensor, loss_fn: LossFn, generator: to
         (g,) = torch.autograd.grad(loss, zd, create_graph=True)
         if not g.requires_grad:  # the loss is piecewise linear in z (L1 alone): no curvature at the outputs
             return torch.zeros(z.shape, dtype=torch.float64)
-        r = _rademacher(z.shape, generator).to(device=z.device, dtype=z.dtype)
+        r = rademacher(z.shape, z, generator)
         h, hr = torch.autograd.grad(g, zd, torch.stack([torch.ones_like(zd), r]), is_grads_batched=True,
                                     allow_unused=True)[0]
     h, hr = h.detach().double().cpu(), hr.detach().double().cpu()
     tol = DIAGONAL_RTOL * float(h.abs().max().clamp_min(1e-30))
-    if float((hr - h * r.double().cpu()).abs().max()) > tol:
+    if float((hr - h * r.detach().double().cpu()).abs().max()) > tol:
         raise CoupledOutputsError(
             "the loss's Hessian w.r.t. the model's output couples output elements (not elementwise): "
             "use method='hutchinson'")
@@ -86,7 +82,7 @@ def loss_gn_traces(
     if missing:
         raise ValueError(f"layers {missing} were not called in the forward pass: check `layers`")
     h = output_hessian_diagonal(z, y, loss_fn, generator)
-    s = _rademacher(z.shape, generator)
+    s = rademacher(z.shape, h, generator)  # float64 on the CPU, like h
     B = x.shape[0]
     values = torch.zeros(B, len(modules), dtype=torch.float64)
     parts = [(sign, s * part.sqrt()) for sign, part in ((1.0, h.clamp_min(0)), (-1.0, (-h).clamp_min(0)))

@@ -226,7 +226,7 @@ class ProbeSpread:
 
     def variance_of_mean(self) -> Tensor:
         """The floor of Var(mean over chunks) (zero while no chunk had two probes)."""
-        if not self.dof or not self.count:
+        if not self.dof:  # dof > 0 only after a chunk of two or more probes
             return torch.zeros_like(self.ss)
         return self.ss / self.dof * self.inv_k / self.count**2
 

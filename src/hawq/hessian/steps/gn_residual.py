@@ -19,9 +19,9 @@ def step(run, model, modules, method, x, y, loss_fn, n_probes) -> None:
     if run.curved:  # proved layers have R_ll = 0: no probes there
         params = [modules[i].weight for i in run.curved]
         est = residual_probes(model, params, x, y, loss_fn, n_probes, run.gen)
-        r[list(run.curved)] = est.mean(0)
         per_probe = torch.zeros(est.shape[0], len(run.names), dtype=torch.float64)
         per_probe[:, list(run.curved)] = est
+        r = per_probe.mean(0)
         run.residual_spread.add(per_probe)  # a floor under the residual's standard error
         run.n_probes += n_probes
         k += (1 + n_probes) * x.shape[0]  # one HVP of the chunk ~ one backward per image
