@@ -105,7 +105,7 @@ def estimate_traces(
     progress: bool = True,
     diagonal: bool = False,
     state_path: str | Path | None = None,
-    probes_per_batch: int = 4,
+    probes_per_batch: int | None = None,
 ) -> TraceResult:
     """Average Hessian trace Tr(H_l)/n_l of the loss w.r.t. each layer's weight, with standard errors.
 
@@ -134,6 +134,8 @@ def estimate_traces(
     and settings resumes from them, skipping the images already counted.
     `diagonal=True` (GN methods): `result.diagonals[fqn]` is the Gauss-Newton diagonal (shape of the
     weight), e.g. for Omega = 1/2 sum_j H_jj (Q(W)_j - W_j)^2.
+    `probes_per_batch`: random probes per chunk; default by method (methods.PROBES_PER_CHUNK): gn_residual 1
+    per curved layer (each layer its own probe, residual.py), hutchinson 4.
     """
     opts = TraceOptions(method, loss, rel_tol, min_share, max_images, max_probes, chunk_size, seed, progress,
                         diagonal, state_path, probes_per_batch)
@@ -258,7 +260,7 @@ def _estimate(
                 "seed": opts.seed,
                 "loss": str(opts.loss),
                 "chunk": opts.chunk_size,
-                "ppb": opts.probes_per_batch,
+                "ppb": opts.probes_for(used),
                 "diag": opts.diagonal,
                 "activations": activations,
                 "weights": weights_hash(model, names),
@@ -313,7 +315,7 @@ def _loop(run: EstimationRun, model, modules, used, stream, loss_fn, ref, opts: 
         if max_images is not None:
             x, y = x[: max_images - run.images], y[: max_images - run.images]
         x, y = _to_model(x, ref), y.to(ref.device)
-        n_probes = opts.probes_per_batch
+        n_probes = opts.probes_for(used)
         if probes:
             n_probes = min(n_probes, max(1, opts.max_probes - run.n_probes))
         try:

@@ -9,7 +9,8 @@ includes data sampling; they differ in what they compute per chunk of images (ac
                 probable classes exactly and 4 importance-sampled from the rest), one importance-sampled
                 class on confident images. Unbiased for the GN trace.
   gn_residual   hybrid's exact GN part plus Hutchinson probes of the residual H - G on the curved layers
-                only (residual.py): unbiased for the Hessian trace on any net with double backward.
+                only, each layer its own probe (residual.py): unbiased for the Hessian trace on any net
+                with double backward.
   mc_fisher     GN with one label per image drawn from p (unbiased; noisy on uncertain images).
   mc_fisher_is  GN with one importance-sampled label per image (unbiased).
   hutchinson    Rademacher probes of true Hessian-vector products: any loss and network, noisy.
@@ -61,6 +62,12 @@ _TABLE = (
 )
 BY_NAME = {m.name: m for m in _TABLE}
 METHODS = ("auto", *BY_NAME)
+# Probes per chunk where `probes_per_batch` is not given. gn_residual: one (per layer) per chunk, as the
+# chunk-to-chunk spread of the residual is mostly data, not probes (measured once on the nets of
+# bench/curved.py with estimate_traces(probes_per_batch=1 or 2): two cost 1.5-1.75x the time and shrank the
+# largest error bar by 0-15%); hutchinson: four, whose
+# spread gives the floor of ProbeSpread.
+PROBES_PER_CHUNK = {"gn_residual": 1, "hutchinson": 4}
 
 
 @dataclass(frozen=True)
@@ -78,8 +85,18 @@ class TraceOptions:
     progress: bool = True
     diagonal: bool = False
     state_path: str | Path | None = None
-    probes_per_batch: int = 4
+    probes_per_batch: int | None = None  # None: PROBES_PER_CHUNK of the method used
     activations: bool = False
+
+    def probes_for(self, method: str) -> int:
+        """Probes per chunk: the option, else the method's default (PROBES_PER_CHUNK); gn_residual takes two
+        where `max_images` allows fewer than 8 chunks, so that their spread floors the error bar (ProbeSpread)."""
+        if self.probes_per_batch is not None:
+            return self.probes_per_batch
+        if self.activations:
+            return 1
+        few = self.max_images is not None and -(-self.max_images // self.chunk_size) < 8
+        return 2 if method == "gn_residual" and few else PROBES_PER_CHUNK.get(method, 1)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -92,7 +109,7 @@ class TraceOptions:
             raise ValueError(f"max_images must be >= 1 or None, got {self.max_images}")
         if self.max_probes < 1 or self.chunk_size < 1:
             raise ValueError("max_probes and chunk_size must be >= 1")
-        if self.probes_per_batch < 1:
+        if self.probes_per_batch is not None and self.probes_per_batch < 1:
             raise ValueError(f"probes_per_batch must be >= 1, got {self.probes_per_batch}")
 
 

@@ -6,8 +6,15 @@ left to random probes, and R is the Hessian of s(theta) = <stop_grad(dL/dz), z(t
 Hessian-vector product of s per probe gives v_l . (R v)_l with no Jacobian-vector product. On a curved
 net the residual's per-probe variance is far below that of v . H v (docs/design.md: 67-518x on a trained
 GELU/LayerNorm/SiLU MLP), and Tr(G_l) + E[v_l . (R v)_l] is unbiased for Tr(H_l). Probes cover the
-curved layers only: on a layer proved piecewise linear R_ll = 0, and leaving it out of v removes its
-cross-terms from the other layers' noise.
+curved layers only: on a layer proved piecewise linear R_ll = 0.
+
+Each layer gets its own probe and its own second backward (`blockwise_quadratic_forms`; above
+MAX_PROBE_GROUPS curved layers, contiguous runs of layers share one): v_l . (R_ll v_l) from the gradient of
+<grad_l s, v_l> w.r.t. W_l alone. One probe v over all layers at once would add the
+cross-layer terms v_l . R_lk v_k (k != l) to layer l's value: zero in expectation, but on the trained
+nets of bench/curved.py they multiplied the per-probe variance by 8-39x (median over layers; up to 1280x on
+one layer), while the L partial backward passes cost 2.9-3.5x one full one (each stops at its own layer's
+weight; docs/curved.md).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from hawq.hessian.hutchinson import LossFn, probe_quadratic_forms
+from hawq.hessian.hutchinson import LossFn, rademacher
 
 
 class _TwiceDifferentiable(TorchFunctionMode):
@@ -48,14 +55,50 @@ def residual_probes(
     n_probes: int,
     generator: torch.Generator,
 ) -> Tensor:
-    """(n_probes, L) estimates v_l . (R v)_l / n_l of the chunk-mean loss's residual average traces."""
+    """(n_probes, L) estimates v_l . (R_ll v_l) / n_l of the chunk-mean loss's residual average traces."""
     with torch.enable_grad(), twice_differentiable():
         z = model(x)
         zd = z.detach().requires_grad_(True)
         (r,) = torch.autograd.grad(loss_fn(zd, y), zd)  # dL/dz of the chunk-mean loss
         s = (r * z).sum()
         grads = torch.autograd.grad(s, params, create_graph=True, allow_unused=True)
-    return probe_quadratic_forms(grads, params, n_probes, generator)
+    return blockwise_quadratic_forms(grads, params, n_probes, generator)
+
+
+# At most this many separate second backwards per probe: with more curved layers, contiguous runs of layers
+# (in the model's layer order) share one probe and one backward, and only the terms between runs are gone.
+# Each backward stops at its run's first weight, so per probe the cost is about MAX_PROBE_GROUPS / 2 full
+# Hessian-vector products on a deep net, whatever its depth.
+MAX_PROBE_GROUPS = 16
+
+
+def probe_groups(n: int, max_groups: int = MAX_PROBE_GROUPS) -> list[range]:
+    """0..n-1 cut into min(n, max_groups) contiguous runs of near-equal length."""
+    k = max(1, min(n, max_groups))
+    return [range(n * j // k, n * (j + 1) // k) for j in range(k)]
+
+
+def blockwise_quadratic_forms(
+    grads: Sequence[Tensor | None], params: Sequence[Tensor], n_probes: int, generator: torch.Generator,
+    max_groups: int = MAX_PROBE_GROUPS,
+) -> Tensor:
+    """(n_probes, L) values v_l . (M v)_l / n_l with v zero outside l's group: with one layer per group (up to
+    `max_groups` layers) v_l . (M_ll v_l), a Rademacher v_l and a second backward per layer. `grads` (built
+    with create_graph) are the gradients whose Jacobian w.r.t. `params` is M. Unbiased for Tr(M_ll) / n_l,
+    without the cross terms between groups that one probe over all layers would add."""
+    out = torch.zeros(n_probes, len(params), dtype=torch.float64)
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]  # others: M_ll = 0
+    groups = [[live[j] for j in run] for run in probe_groups(len(live), max_groups)] if live else []
+    for k in range(n_probes):
+        vs = [rademacher(p.shape, p, generator) for p in params]  # drawn for every layer: the same draws
+        for gi, group in enumerate(groups):
+            last = k == n_probes - 1 and gi == len(groups) - 1
+            hs = torch.autograd.grad([grads[i] for i in group], [params[i] for i in group], [vs[i] for i in group],
+                                     retain_graph=not last, allow_unused=True)
+            for i, h in zip(group, hs):
+                if h is not None:
+                    out[k, i] = float((vs[i].double() * h.double()).sum()) / vs[i].numel()
+    return out
 
 
 def residual_unreachable(model: nn.Module, names: Sequence[str], params: Sequence[Tensor], x: Tensor, y: Tensor,
