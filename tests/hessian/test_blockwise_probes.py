@@ -60,6 +60,7 @@ def test_residual_probes_of_one_weight_layers_have_no_probe_noise():
 
 
 def test_probe_groups_are_contiguous_runs_covering_every_layer_once():
+    assert [list(r) for r in probe_groups(5)] == [[0], [1], [2], [3], [4]]  # default: one layer per probe
     assert [list(r) for r in probe_groups(5, 16)] == [[0], [1], [2], [3], [4]]
     runs = probe_groups(40, 16)
     assert len(runs) == 16 and [i for r in runs for i in r] == list(range(40))

@@ -24,6 +24,8 @@ def step(run, model, modules, method, x, y, loss_fn, n_probes) -> None:
         r = per_probe.mean(0)
         run.residual_spread.add(per_probe)  # a floor under the residual's standard error
         run.n_probes += n_probes
-        k += (1 + n_probes) * x.shape[0]  # one HVP of the chunk ~ one backward per image
+        # the chunk's first backward, then one second backward per probe and curved layer (each partial: it
+        # stops at its layer's weight), counted as one backward per image each
+        k += (1 + n_probes * len(run.curved)) * x.shape[0]
     run.residual.add(r, values.mean(0))
     run.n_backward += k
