@@ -65,8 +65,7 @@ METHODS = ("auto", *BY_NAME)
 # Probes per chunk where `probes_per_batch` is not given. gn_residual: one (per layer) per chunk, as the
 # chunk-to-chunk spread of the residual is mostly data, not probes (measured once on the nets of
 # bench/curved.py with estimate_traces(probes_per_batch=1 or 2): two cost 1.5-1.75x the time and shrank the
-# largest error bar by 0-15%); hutchinson: four, whose
-# spread gives the floor of ProbeSpread.
+# largest error bar by 0-15%); hutchinson: four, whose spread gives the floor of ProbeSpread.
 PROBES_PER_CHUNK = {"gn_residual": 1, "hutchinson": 4}
 
 

@@ -80,9 +80,9 @@ def blockwise_quadratic_forms(
 ) -> Tensor:
     """(n_probes, L) values v_l . (M v)_l / n_l with v zero outside l's group: by default one layer per group,
     v_l . (M_ll v_l), a Rademacher v_l and a second backward per layer (`max_groups`: contiguous runs of
-    layers share a probe, bench/probe_groups.py). `grads` (built
-    with create_graph) are the gradients whose Jacobian w.r.t. `params` is M. Unbiased for Tr(M_ll) / n_l,
-    without the cross terms between groups that one probe over all layers would add."""
+    layers share a probe, bench/probe_groups.py). `grads` (built with create_graph) are the gradients whose
+    Jacobian w.r.t. `params` is M. Unbiased for Tr(M_ll) / n_l, without the cross terms between groups that
+    one probe over all layers would add."""
     out = torch.zeros(n_probes, len(params), dtype=torch.float64)
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]  # others: M_ll = 0
     groups = [[live[j] for j in run] for run in probe_groups(len(live), max_groups)] if live else []
