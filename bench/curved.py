@@ -38,7 +38,7 @@ from hawq.data import batches, load_split
 from hawq.hessian import estimate_traces
 from hawq.hessian.curvature import inspect_model
 from hawq.hessian.hutchinson import probe_quadratic_forms
-from hawq.hessian.residual import blockwise_quadratic_forms
+from hawq.hessian.residual import blockwise_quadratic_forms, residual_gradients
 
 CACHE = Path(os.environ.get("HAWQ_BENCH_CACHE", "/tmp/hawq_bench"))
 
@@ -167,10 +167,11 @@ def plan_bits(model: nn.Module, result) -> tuple[dict[str, int], SensitivityTabl
     return {k: (v["w_bits"] if isinstance(v, dict) else v.w_bits) for k, v in plan.layers.items()}, table
 
 
-def plan_gap(model: nn.Module, rs: dict) -> float:
+def plan_gap(plans: dict) -> float:
     """How much larger each seed's plan's total Omega is under the other seed's traces than that seed's own
-    best plan (the larger of the two, relative): 0 for the same plan, small for a near-tie."""
-    (p0, t0), (p1, t1) = plan_bits(model, rs[0]), plan_bits(model, rs[1])
+    best plan (the larger of the two, relative; `plans[seed]` from plan_bits): 0 for the same plan, small for a
+    near-tie."""
+    (p0, t0), (p1, t1) = plans[0], plans[1]
     return max(plan_omega(t1, p0) / plan_omega(t1, p1) - 1, plan_omega(t0, p1) / plan_omega(t0, p0) - 1)
 
 
@@ -204,14 +205,10 @@ def probe_variance(model: nn.Module, n_probes: int = 50) -> dict:
     out: dict = {}
     try:
         for label, probe in (("joint", probe_quadratic_forms), ("blockwise", blockwise_quadratic_forms)):
-            with torch.enable_grad():
-                z = model(x)
-                zd = z.detach().requires_grad_(True)
-                (r,) = torch.autograd.grad(F.cross_entropy(zd, y), zd)
-                grads = torch.autograd.grad((r * z).sum(), params, create_graph=True)
-                t0 = time.perf_counter()
-                est = probe(grads, params, n_probes, torch.Generator().manual_seed(0))
-                out[f"{label}_s"] = (time.perf_counter() - t0) / n_probes
+            grads = residual_gradients(model, params, x, y, F.cross_entropy)
+            t0 = time.perf_counter()
+            est = probe(grads, params, n_probes, torch.Generator().manual_seed(0))
+            out[f"{label}_s"] = (time.perf_counter() - t0) / n_probes
             out[label] = est.var(0).tolist()
     finally:
         for p, r in req.items():
@@ -241,13 +238,14 @@ def run_model(name: str, epochs: int, max_images: int, rel_tol: float = 0.05) ->
             seed=seed, progress=False)) for seed in (0, 1)}
     for label, rs in (("gn_residual", res), ("hutchinson", hut)):
         a, b = ([lt.trace for lt in rs[s].layers] for s in (0, 1))
+        plans = {s: plan_bits(model, rs[s]) for s in (0, 1)}
         row[label] = {
             "method": rs[0].method, "reason": rs[0].reason, "notes": list(rs[0].notes),
             "wall_s": [rs[s].wall_s for s in (0, 1)], "images": [rs[s].n_images for s in (0, 1)],
             "worst_rel_se": [worst_rel(rs[s]) for s in (0, 1)],
             "spearman": float(spearmanr(a, b).statistic),
-            "same_plan": plan_bits(model, rs[0])[0] == plan_bits(model, rs[1])[0],
-            "plan_gap": plan_gap(model, rs),
+            "same_plan": plans[0][0] == plans[1][0],
+            "plan_gap": plan_gap(plans),
         }
     row["probes"] = probe_variance(model)
     return row

@@ -23,7 +23,7 @@ import torchvision
 
 import hawq
 from hawq.hessian.curvature import inspect_model
-from hawq.hessian.residual import blockwise_quadratic_forms
+from hawq.hessian.residual import blockwise_quadratic_forms, residual_gradients
 
 
 def main() -> None:
@@ -51,10 +51,7 @@ def main() -> None:
     L = len(params)
     var, sec = {}, {}
     for groups in (1, 4, 16, L):
-        z = model(x)
-        zd = z.detach().requires_grad_(True)
-        (r,) = torch.autograd.grad(F.cross_entropy(zd, y), zd)
-        grads = torch.autograd.grad((r * z).sum(), params, create_graph=True)
+        grads = residual_gradients(model, params, x, y, F.cross_entropy)
         t0 = time.perf_counter()
         est = blockwise_quadratic_forms(grads, params, a.probes, torch.Generator().manual_seed(0), max_groups=groups)
         sec[groups] = (time.perf_counter() - t0) / a.probes

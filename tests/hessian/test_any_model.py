@@ -131,14 +131,20 @@ def test_piecewise_linear_cases_are_proved_and_equal_the_dense_hessian(case, den
         assert lt.trace == pytest.approx(dense[lt.fqn], rel=1e-5, abs=1e-12), lt.fqn
 
 
-@pytest.mark.parametrize("case", sorted(CURVED))
-def test_curved_cases_are_noted_and_estimated_within_three_stderr(case, dense_traces):
-    build, shape, why = CURVED[case]
+def _curved_case(case, dense_traces):
+    """A CURVED case's model (seed 0, float64, eval), data, layers and dense average traces."""
+    build, shape, _ = CURVED[case]
     torch.manual_seed(0)
     model = build().double().eval()
     x, y = _data(shape)
     layers = quantizable_layers(model)
-    dense = _avg(dense_traces(model, x, y, layers))
+    return model, x, y, layers, _avg(dense_traces(model, x, y, layers))
+
+
+@pytest.mark.parametrize("case", sorted(CURVED))
+def test_curved_cases_are_noted_and_estimated_within_three_stderr(case, dense_traces):
+    why = CURVED[case][2]
+    model, x, y, layers, dense = _curved_case(case, dense_traces)
     gn = estimate_traces(model, [(x, y)], method="exact", progress=False, max_images=None)
     # the case is really curved: Gauss-Newton alone is off somewhere by more than 1%
     assert max(abs(lt.trace - dense[lt.fqn]) / abs(dense[lt.fqn]) for lt in gn.layers) > 0.01
@@ -269,12 +275,7 @@ def test_gn_residual_result_is_json_on_one_chunk():
 def test_gn_residual_over_twenty_seeds_is_unbiased_on_each_curved_op(case, dense_traces):
     """The default probes (one per curved layer and chunk): over 20 seeds the mean is within 3 standard
     errors of the dense trace (1,200 probes per layer in all; proved layers, which get no probes, to 1e-6)."""
-    build, shape, _ = CURVED[case]
-    torch.manual_seed(0)
-    model = build().double().eval()
-    x, y = _data(shape)
-    layers = quantizable_layers(model)
-    dense = _avg(dense_traces(model, x, y, layers))
+    model, x, y, layers, dense = _curved_case(case, dense_traces)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         runs = [estimate_traces(model, [(x, y)] * 15, chunk_size=4, max_images=None, rel_tol=1e-9, seed=s,

@@ -59,13 +59,17 @@ def residual_probes(
     generator: torch.Generator,
 ) -> Tensor:
     """(n_probes, L) estimates v_l . (R_ll v_l) / n_l of the chunk-mean loss's residual average traces."""
+    return blockwise_quadratic_forms(residual_gradients(model, params, x, y, loss_fn), params, n_probes, generator)
+
+
+def residual_gradients(model: nn.Module, params: Sequence[Tensor], x: Tensor, y: Tensor,
+                       loss_fn: LossFn) -> tuple[Tensor | None, ...]:
+    """Gradients of s = <stop_grad(dL/dz), z> w.r.t. `params`, built with create_graph: their Jacobian is R."""
     with torch.enable_grad(), twice_differentiable():
         z = model(x)
         zd = z.detach().requires_grad_(True)
         (r,) = torch.autograd.grad(loss_fn(zd, y), zd)  # dL/dz of the chunk-mean loss
-        s = (r * z).sum()
-        grads = torch.autograd.grad(s, params, create_graph=True, allow_unused=True)
-    return blockwise_quadratic_forms(grads, params, n_probes, generator)
+        return torch.autograd.grad((r * z).sum(), params, create_graph=True, allow_unused=True)
 
 
 def probe_groups(n: int, max_groups: int | None = None) -> list[range]:
@@ -103,11 +107,7 @@ def residual_unreachable(model: nn.Module, names: Sequence[str], params: Sequenc
     """Curved layers whose residual cannot be probed: the second backward raises, or comes back empty (what a
     `once_differentiable` autograd Function silently gives)."""
     try:
-        with torch.enable_grad(), twice_differentiable():
-            z = model(x)
-            zd = z.detach().requires_grad_(True)
-            (r,) = torch.autograd.grad(loss_fn(zd, y), zd)
-            grads = torch.autograd.grad((r * z).sum(), params, create_graph=True, allow_unused=True)
+        grads = residual_gradients(model, params, x, y, loss_fn)
     except RuntimeError:
         return list(names)
     # curved layers' gradients depend on their weights; one that does not went through an op that hides its
